@@ -1,0 +1,3 @@
+"""deit-pipe: DeiT training with the teacher's outputs computed once and stored."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+# deit-pipe recipes. Run through ./just on a fresh machine (it installs .venv first).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+fmnist_src := "/usr/share/datasets/fashion-mnist"
+
+default:
+    @just --list
+
+# Run the whole test suite (CI runs exactly this).
+test *args:
+    OMP_NUM_THREADS=1 python -m pytest -q {{args}}
+
+# The suite without the slow multi-process tests.
+test-fast *args:
+    OMP_NUM_THREADS=1 python -m pytest -q -m "not slow" {{args}}
+
+# Debian's Fashion-MNIST as an ImageFolder (train/<class>/*.png, val/<class>/*.png); installs it when missing.
+fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0":
+    [ -f {{fmnist_src}}/train-images-idx3-ubyte.gz ] || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+    deit-pipe fashion-mnist {{dest}} --source {{fmnist_src}} --limit {{limit}} --val-limit {{val_limit}}
+
+# Benchmarks of the stages (ratios measured side by side in one run).
+bench:
+    python bench/shard.py

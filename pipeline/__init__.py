@@ -1,0 +1,1 @@
+"""Top floor: the typer app, configuration, orchestration of the stages, the demo."""

@@ -1,0 +1,1 @@
+"""One module per CLI stage, each a thin composition of the domain and storage floors."""

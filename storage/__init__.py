@@ -1,0 +1,1 @@
+"""Bottom floor: bytes on any fsspec URL (tar shards, manifest, teacher store, atomic commit)."""

@@ -1,0 +1,87 @@
+"""fsspec URLs: resolve, read, write atomically, wait for committed keys.
+
+Every write goes to a temporary key and is committed by one rename (local) or one final put
+(object stores, where a PUT is atomic), so a reader never takes a half-written object as complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from deit_pipe.errors import InputError
+
+
+def resolve(url: str):
+    """(filesystem, path) for a URL; storage options come from the environment (never from arguments)."""
+    return url_to_fs(url)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(url: str) -> bool:
+    fs, _ = resolve(url)
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+def exists(url: str) -> bool:
+    fs, path = resolve(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = resolve(url)
+    return fs.cat_file(path)
+
+
+def put_atomic(url: str, data: bytes) -> None:
+    """Write `data` so that `url` either does not exist or holds all of it."""
+    fs, path = resolve(url)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        # One PUT of the whole body: object stores never expose a partial object.
+        fs.pipe_file(path, data)
+
+
+def check_writable(url: str) -> None:
+    """Fail early with one line when DEST cannot be written (missing bucket, read-only dir, ...)."""
+    probe = join(url, f".deit-pipe-probe-{uuid.uuid4().hex}")
+    try:
+        put_atomic(probe, b"")
+        fs, path = resolve(probe)
+        fs.rm_file(path)
+    except Exception as exc:  # the filesystem's own error type varies by backend
+        raise InputError(f"cannot write to {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def wait_for(urls: Iterable[str], what: str, timeout: float = 24 * 3600.0, poll: float = 1.0) -> None:
+    """Block until every URL exists: the barrier between ranks that share only storage."""
+    pending = list(urls)
+    deadline = time.monotonic() + timeout
+    while pending:
+        fs, _ = resolve(pending[0])
+        fs.invalidate_cache()
+        pending = [u for u in pending if not exists(u)]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise InputError(f"timed out waiting for {what}: {len(pending)} missing, first {pending[0]}")
+        time.sleep(poll)
+
+
+def open_url(url: str, mode: str = "rb"):
+    return fsspec.open(url, mode)

@@ -1,0 +1,83 @@
+"""WebDataset tar shards: one deterministic tar per shard, committed atomically.
+
+A sample is stored as `<key>.<ext>` (image bytes, ext = the format they really are), `<key>.cls`
+(class index) and `<key>.idx` (the dense sample id), with the key the source path made safe.
+Tar headers carry fixed mtime/owner so the same samples always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from deit_pipe.storage.location import open_url, put_atomic
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+_UNSAFE = re.compile(r"[^A-Za-z0-9/-]")
+
+
+def safe_key(relpath: str) -> str:
+    """Injective, webdataset-safe key for a source path: every char outside [A-Za-z0-9/-] becomes _xx."""
+    return _UNSAFE.sub(lambda m: "".join(f"_{b:02x}" for b in m.group().encode()), relpath)
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    key: str
+    idx: int
+    label: int
+    image: bytes
+    ext: str
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+def encode_shard(samples: Iterable[ShardSample]) -> bytes:
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=0.0, user="deit-pipe", group="deit-pipe") as tar:
+        for s in samples:
+            tar.write(
+                {
+                    "__key__": s.key,
+                    s.ext: s.image,
+                    "cls": str(s.label).encode(),
+                    "idx": str(s.idx).encode(),
+                }
+            )
+    return buf.getvalue()
+
+
+def write_shard(url: str, name: str, samples: list[ShardSample]) -> ShardInfo:
+    data = encode_shard(samples)
+    put_atomic(url, data)
+    return ShardInfo(name=name, num_samples=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _samples(tar_stream, url: str) -> Iterator[ShardSample]:
+    for rec in group_by_keys(tar_file_expander([{"url": url, "stream": tar_stream}])):
+        ext = next(e for e in IMAGE_EXTS if e in rec)
+        yield ShardSample(
+            key=rec["__key__"], idx=int(rec["idx"]), label=int(rec["cls"]), image=rec[ext], ext=ext
+        )
+
+
+def decode_shard(data: bytes, url: str = "<memory>") -> Iterator[ShardSample]:
+    return _samples(io.BytesIO(data), url)
+
+
+def read_shard(url: str) -> Iterator[ShardSample]:
+    """Stream a committed shard's samples in stored (idx) order."""
+    with open_url(url, "rb") as f:
+        yield from _samples(f, url)
