@@ -1,0 +1,104 @@
+"""The view recipe: every setting that shapes a training view, hashed to bind a teacher store to it.
+
+Defaults are DeiT's (Touvron et al., 2021, main.py): RandomResizedCrop bicubic, flip, RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel), Mixup 0.8 / CutMix 1.0 with switch prob 0.5,
+label smoothing 0.1. The recipe is a plain value: CLI code elsewhere builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+from deit_pipe.errors import InputError
+
+_TUPLE_FIELDS = ("mean", "std", "scale", "ratio")
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    img_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    # DeiT's color jitter; as in timm and DeiT it only applies when auto_augment is off.
+    color_jitter: float = 0.3
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        # JSON round trips give lists; keep tuples so equal recipes compare and hash equal.
+        for name in _TUPLE_FIELDS:
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.auto_augment in ("", "none"):  # DeiT's CLI spells "off" as "none"
+            object.__setattr__(self, "auto_augment", None)
+        if self.img_size <= 0:
+            raise InputError(f"recipe img_size must be positive, got {self.img_size}")
+        for name in ("hflip", "reprob", "mix_prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"recipe {name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise InputError(f"recipe smoothing must be in [0, 1), got {self.smoothing}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise InputError("recipe mixup_alpha and cutmix_alpha must be >= 0")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewRecipe":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"unknown view recipe fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON (sorted keys, no spaces): equal settings give equal hashes."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def train_transform(self):
+        """timm's DeiT train transform of a PIL RGB image, up to random erasing (mixing comes after)."""
+        return create_transform(
+            input_size=self.img_size,
+            is_training=True,
+            scale=self.scale,
+            ratio=self.ratio,
+            hflip=self.hflip,
+            color_jitter=self.color_jitter,
+            auto_augment=self.auto_augment,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            re_prob=self.reprob,
+            re_mode=self.remode,
+            re_count=self.recount,
+        )
+
+    def eval_transform(self):
+        """timm's eval transform (resize to img_size/0.875, center crop, normalise) for validation images."""
+        return create_transform(
+            input_size=self.img_size,
+            is_training=False,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+        )
