@@ -1,0 +1,244 @@
+"""Training views (DESIGN invariant 2): view v of sample idx as a pure function of (recipe seed, split, idx, v).
+
+A view is made in three steps, each from its own key (a numpy SeedSequence hashed from its inputs):
+1. unmixed view of (idx, v): decode to RGB, then timm's DeiT train transform (RandomResizedCrop,
+   flip, RandAugment, normalise, random erasing), key ("view", seed, split, idx, v);
+2. partner: the next sample in a permutation of the shard's positions, key ("pair", seed, split, shard, v),
+   so every partner is in the same image shard (a shard of one pairs a sample with itself);
+3. mix of the unmixed views of (idx, v) and (partner, v): Mixup or CutMix, lambda and box drawn like
+   timm's per-element Mixup, key ("mix", seed, split, idx, v); CutMix lambda is 1 - clipped box area.
+
+timm's transforms draw from the process's global generators: python `random` (RandomResizedCrop,
+RandAugment magnitudes, RandomErasing boxes), `numpy.random` (RandAugment op choice, mix parameters,
+CutMix box) and torch's default CPU generator (horizontal flip, erasing pixels). They run inside
+`seeded_global_rngs`, which seeds those three from the key and restores their states afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.mixup import cutmix_bbox_and_lam, one_hot
+
+from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.errors import InputError
+from deit_pipe.storage.shards import ShardSample
+
+# Serialises seeded scopes between threads of one process (they share the global generators).
+# Loader workers are processes and need no lock.
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
+def view_key(*parts) -> np.random.SeedSequence:
+    """A SeedSequence that depends on `parts` (str/int) only: hashed, so nearby ids give unrelated streams."""
+    blob = json.dumps(parts, separators=(",", ":")).encode()
+    return np.random.SeedSequence(int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little"))
+
+
+@contextmanager
+def seeded_global_rngs(key: np.random.SeedSequence):
+    """Seed python `random`, `numpy.random` and torch's default CPU generator from `key`; restore them after.
+
+    What runs inside neither depends on nor disturbs the process's RNG state.
+    """
+    words = key.generate_state(6)  # uint32
+    with _GLOBAL_RNG_LOCK:
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        try:
+            random.seed(int(words[0]) | int(words[1]) << 32)
+            np.random.seed(words[2:4])
+            torch.default_generator.manual_seed(int(words[4]) | int(words[5]) << 32)
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
+
+
+def decode_rgb(image: bytes) -> Image.Image:
+    """Stored image bytes -> PIL RGB (grayscale and palette images are converted here)."""
+    with Image.open(io.BytesIO(image)) as img:
+        return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """How one view is mixed with its partner. lam is the weight of the sample's own image and label."""
+
+    mode: str  # "mixup", "cutmix" or "none"
+    lam: float  # a float32 value; for CutMix 1 - (clipped box area) / (H * W)
+    box: tuple[int, int, int, int] | None = None  # CutMix (y_lo, y_hi, x_lo, x_hi), half-open
+
+
+NO_MIX = MixParams("none", 1.0)
+
+
+def mix_views(own: torch.Tensor, partner: torch.Tensor, params: MixParams) -> torch.Tensor:
+    if params.mode == "mixup":
+        lam = torch.tensor(params.lam, dtype=torch.float32)
+        return own * lam + partner * (1 - lam)
+    if params.mode == "cutmix":
+        yl, yh, xl, xh = params.box
+        mixed = own.clone()
+        mixed[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
+        return mixed
+    return own
+
+
+@dataclass
+class ViewBatch:
+    """Mixed views of several samples of one shard for one view index v, with their replay records."""
+
+    idx: torch.Tensor  # [n] int64
+    v: int
+    images: torch.Tensor  # [n, 3, H, W] float32, normalised, mixed
+    label: torch.Tensor  # [n] int64
+    partner: torch.Tensor  # [n] int64 partner idx
+    partner_label: torch.Tensor  # [n] int64
+    lam: torch.Tensor  # [n] float32, weight of the sample's own label
+    digest: torch.Tensor  # [n] int64 holding the uint32 pixel digest
+
+
+class ViewMaker:
+    def __init__(self, recipe: ViewRecipe, split: str):
+        self.recipe = recipe
+        self.split = split
+        self._transform = recipe.train_transform()
+
+    def _key(self, purpose: str, unit: int, v: int) -> np.random.SeedSequence:
+        return view_key(purpose, self.recipe.seed, self.split, unit, v)
+
+    def _partner_positions(self, shard_index: int, n: int, v: int) -> np.ndarray:
+        # Legacy RandomState: its permutation stream is frozen across numpy versions, Generator's is not.
+        order = np.random.RandomState(self._key("pair", shard_index, v).generate_state(4)).permutation(n)
+        partner = np.empty(n, dtype=np.int64)
+        partner[order] = np.roll(order, -1)
+        return partner
+
+    def partners(self, shard_index: int, idxs: list[int], v: int) -> list[int]:
+        """Partner idx of each idx; `idxs` are all of the shard's ids in stored (ascending) order."""
+        _check_ascending(idxs)
+        return [idxs[p] for p in self._partner_positions(shard_index, len(idxs), v)]
+
+    def unmixed(self, sample: ShardSample, v: int) -> torch.Tensor:
+        """[3, H, W] float32: the view before mixing."""
+        image = decode_rgb(sample.image)
+        with seeded_global_rngs(self._key("view", sample.idx, v)):
+            return self._transform(image)
+
+    def mix_params(self, idx: int, v: int) -> MixParams:
+        r = self.recipe
+        if not r.mixing:
+            return NO_MIX
+        with seeded_global_rngs(self._key("mix", idx, v)):
+            # The draws of timm's per-element Mixup for one element: mode, lambda, apply-or-not, box.
+            use_cutmix = r.cutmix_alpha > 0 and (r.mixup_alpha <= 0 or np.random.rand() < r.switch_prob)
+            alpha = r.cutmix_alpha if use_cutmix else r.mixup_alpha
+            lam = float(np.random.beta(alpha, alpha))
+            if np.random.rand() >= r.mix_prob:
+                return NO_MIX
+            if not use_cutmix:
+                return MixParams("mixup", float(np.float32(lam)))
+            box, lam = cutmix_bbox_and_lam((r.img_size, r.img_size), lam, correct_lam=True)
+            return MixParams("cutmix", float(np.float32(lam)), tuple(int(b) for b in box))
+
+    def shard_views(
+        self, samples: list[ShardSample], shard_index: int, v: int, positions: range | None = None
+    ) -> ViewBatch:
+        """Mixed views of samples[positions] (default all); `samples` is the whole shard in stored order.
+
+        Each unmixed view needed (the requested samples' and their partners') is computed once. Work goes
+        along the pairing cycle so that an unmixed view is dropped as soon as both its users are done.
+        """
+        idxs = [s.idx for s in samples]
+        _check_ascending(idxs)
+        positions = list(range(len(samples)) if positions is None else positions)
+        partner_pos = self._partner_positions(shard_index, len(samples), v)
+        params = {p: self.mix_params(idxs[p], v) for p in positions}
+
+        uses = Counter(positions)
+        uses.update(int(partner_pos[p]) for p in positions if params[p].mode != "none")
+        cache: dict[int, torch.Tensor] = {}
+
+        def take(p: int) -> torch.Tensor:
+            if p not in cache:
+                cache[p] = self.unmixed(samples[p], v)
+            uses[p] -= 1
+            return cache[p] if uses[p] else cache.pop(p)
+
+        size = self.recipe.img_size
+        images = torch.empty((len(positions), 3, size, size), dtype=torch.float32)
+        slot = {p: i for i, p in enumerate(positions)}
+        for p in _cycle_order(positions, partner_pos):
+            own = take(p)
+            partner = take(int(partner_pos[p])) if params[p].mode != "none" else own
+            images[slot[p]] = mix_views(own, partner, params[p])
+
+        partner_idx = [idxs[partner_pos[p]] for p in positions]
+        return ViewBatch(
+            idx=torch.tensor([idxs[p] for p in positions], dtype=torch.int64),
+            v=v,
+            images=images,
+            label=torch.tensor([samples[p].label for p in positions], dtype=torch.int64),
+            partner=torch.tensor(partner_idx, dtype=torch.int64),
+            partner_label=torch.tensor([samples[partner_pos[p]].label for p in positions], dtype=torch.int64),
+            lam=torch.tensor([params[p].lam for p in positions], dtype=torch.float32),
+            digest=view_digest(images),
+        )
+
+
+def _check_ascending(idxs: Sequence[int]) -> None:
+    # The pairing is over stored positions: another order would silently give other partners.
+    if any(a >= b for a, b in zip(idxs, idxs[1:])):
+        raise InputError("shard samples must be given in stored (ascending idx) order")
+
+
+def _cycle_order(positions: list[int], partner_pos: np.ndarray) -> list[int]:
+    """`positions` ordered along the pairing cycle (p, partner(p), partner(partner(p)), ...)."""
+    wanted = set(positions)
+    order = []
+    start = min(positions, default=0)
+    p = start
+    for _ in range(len(partner_pos)):
+        if p in wanted:
+            order.append(p)
+        p = int(partner_pos[p])
+    return order
+
+
+def view_digest(images: torch.Tensor) -> torch.Tensor:
+    """[n] int64 holding a uint32 per view: blake2b of the view's pixels rounded to float16 (little endian).
+
+    Rounding to float16 keeps the digest stable across machines whose float32 results differ in the last
+    bits (SIMD paths, library builds), while any real drift (another crop, flip, op, partner) changes it.
+    Adding 0.0 folds -0.0 into +0.0 so a sign-only difference of zero does not count.
+    """
+    halves = (images.detach().to("cpu", torch.float32) + 0.0).to(torch.float16).numpy().astype("<f2")
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(h.tobytes(), digest_size=4).digest(), "little") for h in halves],
+        dtype=torch.int64,
+    )
+
+
+def mixed_targets(label, partner_label, lam, num_classes: int, smoothing: float) -> torch.Tensor:
+    """[n, C] float32: lam * smooth(one_hot(label)) + (1 - lam) * smooth(one_hot(partner_label)).
+
+    timm's smoothing convention: off = smoothing / C, on = 1 - smoothing + off.
+    """
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    own = one_hot(torch.as_tensor(label), num_classes, on_value=on, off_value=off)
+    other = one_hot(torch.as_tensor(partner_label), num_classes, on_value=on, off_value=off)
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=own.device).reshape(-1, 1)
+    return own * lam + other * (1 - lam)
