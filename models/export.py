@@ -1,0 +1,64 @@
+"""Model weights as files: export to safetensors, read back from a local path or fsspec URL.
+
+Reading never unpickles arbitrary objects: .safetensors via safetensors, anything else (.pth, .pt)
+via torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from deit_pipe.errors import InputError
+from deit_pipe.storage import location
+
+MODEL_NAME_KEY = "model"  # safetensors metadata key holding the timm architecture name
+# Checkpoint layouts that wrap the state dict (DeiT's official checkpoints use {"model": ...}).
+_WRAPPER_KEYS = ("model", "state_dict")
+
+
+def export_safetensors(model: nn.Module, url: str) -> str:
+    """Write the model's state dict to `url` (committed atomically); returns the file's sha256."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {MODEL_NAME_KEY: model.pretrained_cfg["architecture"]} if hasattr(model, "pretrained_cfg") else {}
+    data = safetensors.torch.save(state, metadata=metadata)
+    location.put_atomic(url, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The __metadata__ of a safetensors file (header: u64 little-endian length, then JSON)."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+
+
+def _load_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    return safetensors.torch.load(data), safetensors_metadata(data)
+
+
+def _load_torch(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    for key in _WRAPPER_KEYS:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key], {}
+    return checkpoint, {}
+
+
+def read_weights(url: str) -> tuple[dict[str, Tensor], dict[str, str], str]:
+    """(state dict, metadata, sha256 of the file) from a local path or fsspec URL."""
+    try:
+        data = location.read_bytes(url)
+    except FileNotFoundError:
+        raise InputError(f"weights file not found: {url}") from None
+    load = _load_safetensors if url.endswith(".safetensors") else _load_torch
+    try:
+        state_dict, metadata = load(data)
+    except Exception as exc:  # corrupt files and unsafe pickles raise several types
+        raise InputError(f"cannot read weights {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    return state_dict, metadata, hashlib.sha256(data).hexdigest()
