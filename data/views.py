@@ -1,4 +1,4 @@
-"""Training views (DESIGN invariant 2): view v of sample idx as a pure function of (recipe seed, split, idx, v).
+"""Training views (DESIGN invariant 2): view v of sample idx, a pure function of (recipe seed, split, idx, v).
 
 A view is made in three steps, each from its own key (a numpy SeedSequence hashed from its inputs):
 1. unmixed view of (idx, v): decode to RGB, then timm's DeiT train transform (RandomResizedCrop,
