@@ -154,7 +154,7 @@ class ViewMaker:
             return MixParams("cutmix", float(np.float32(lam)), tuple(int(b) for b in box))
 
     def shard_views(
-        self, samples: list[ShardSample], shard_index: int, v: int, positions: range | None = None
+        self, samples: list[ShardSample], shard_index: int, v: int, positions: Sequence[int] | None = None
     ) -> ViewBatch:
         """Mixed views of samples[positions] (default all); `samples` is the whole shard in stored order.
 
