@@ -57,6 +57,15 @@ def put_atomic(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def discard_partial(url: str) -> None:
+    """Remove the temporary files a killed put_atomic left beside `url` (local only: an object store
+    never shows a half-done PUT). Only the one writer of `url` may call this."""
+    fs, path = resolve(url)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        for tmp in fs.glob(f"{path}.tmp-*"):
+            fs.rm_file(tmp)
+
+
 def check_writable(url: str) -> None:
     """Fail early with one line when DEST cannot be written (missing bucket, read-only dir, ...)."""
     probe = join(url, f".deit-pipe-probe-{uuid.uuid4().hex}")
