@@ -98,10 +98,10 @@ def mix_views(own: torch.Tensor, partner: torch.Tensor, params: MixParams) -> to
 
 @dataclass
 class ViewBatch:
-    """Mixed views of several samples of one shard for one view index v, with their replay records."""
+    """Mixed views with their replay records (one shard and view each, or several joined by a loader)."""
 
     idx: torch.Tensor  # [n] int64
-    v: int
+    v: torch.Tensor  # [n] int64
     images: torch.Tensor  # [n, 3, H, W] float32, normalised, mixed
     label: torch.Tensor  # [n] int64
     partner: torch.Tensor  # [n] int64 partner idx
@@ -188,7 +188,7 @@ class ViewMaker:
         partner_idx = [idxs[partner_pos[p]] for p in positions]
         return ViewBatch(
             idx=torch.tensor([idxs[p] for p in positions], dtype=torch.int64),
-            v=v,
+            v=torch.full((len(positions),), v, dtype=torch.int64),
             images=images,
             label=torch.tensor([samples[p].label for p in positions], dtype=torch.int64),
             partner=torch.tensor(partner_idx, dtype=torch.int64),

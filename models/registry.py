@@ -23,7 +23,7 @@ from deit_pipe.models.export import MODEL_NAME_KEY, read_weights
 VIT_MODULES = ("vision_transformer", "deit")
 
 
-def _is_vit(name: str) -> bool:
+def is_vit(name: str) -> bool:
     if not timm.is_model(name):
         raise InputError(f"unknown timm model {name!r}")
     return is_model_in_modules(name, VIT_MODULES)
@@ -32,7 +32,7 @@ def _is_vit(name: str) -> bool:
 def _architecture_overrides(name: str, **given: int | None) -> dict[str, int]:
     """The overrides that were given, refused (naming the flag) for a model that is not a ViT/DeiT."""
     overrides = {k: v for k, v in given.items() if v is not None}
-    if not _is_vit(name) and overrides:
+    if not is_vit(name) and overrides:
         flag = "--" + next(iter(overrides)).replace("_", "-")
         raise InputError(
             f"{flag} applies only to ViT/DeiT models, not {name!r} "
@@ -110,7 +110,7 @@ def create_teacher(
     """(timm model in eval mode, sha256 of its weights file or "none" for random weights).
 
     `img_size` is passed to ViT/DeiT teachers and ignored by convnets, which take any size >= 32."""
-    overrides = {"img_size": img_size} if _is_vit(name) and img_size is not None else {}
+    overrides = {"img_size": img_size} if is_vit(name) and img_size is not None else {}
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **overrides)
     digest = "none"
     if weights is not None:

@@ -74,7 +74,7 @@ def fmnist_shard(tmp_path_factory) -> list[ShardSample]:
 
 
 def _assert_same(a, b):
-    assert a.v == b.v
+    assert torch.equal(a.v, b.v)
     for name in ("idx", "images", "label", "partner", "partner_label", "lam", "digest"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 

@@ -1,0 +1,124 @@
+"""Map-style datasets over shards: training views joined with the teacher store, and eval images.
+
+Map-style so the order is the plan's whatever the number of workers (and a resumed run can start at
+any item); each worker keeps the last shard (and store unit) it read, and plans visit one shard at a
+time, so a shard is read about once per worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from deit_pipe.data.view_plan import ViewPiece
+from deit_pipe.data.views import ViewBatch, ViewMaker, decode_rgb
+from deit_pipe.errors import InputError
+from deit_pipe.storage.manifest import ShardManifest, shard_url
+from deit_pipe.storage.shards import ShardSample, read_shard
+from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
+
+
+def concat_batches(batches: list[ViewBatch]) -> ViewBatch:
+    if len(batches) == 1:
+        return batches[0]
+    fields = ("idx", "v", "images", "label", "partner", "partner_label", "lam", "digest")
+    return ViewBatch(**{f: torch.cat([getattr(b, f) for b in batches]) for f in fields})
+
+
+@dataclass
+class StoredTargets:
+    """The store's rows for a batch's views, in the batch's order."""
+
+    logits: torch.Tensor  # [n, k] float16
+    classes: torch.Tensor  # [n, k] int64
+    lse: torch.Tensor  # [n] float32
+
+
+class ShardReader:
+    """The last shard read, kept: consecutive items of a plan mostly come from one shard."""
+
+    def __init__(self, shards_root: str, split: str):
+        self.shards_root, self.split = shards_root, split
+        self._cached: tuple[int, list[ShardSample]] | None = None
+
+    def samples(self, shard: int) -> list[ShardSample]:
+        if self._cached is None or self._cached[0] != shard:
+            self._cached = (shard, list(read_shard(shard_url(self.shards_root, self.split, shard))))
+        return self._cached[1]
+
+
+class ViewDataset(Dataset):
+    """Item i: the mixed views of plan[i]'s pieces; with a store, joined with its rows by (idx, v)."""
+
+    def __init__(self, shards_root: str, maker: ViewMaker, plan: list[list[ViewPiece]], store_url: str | None = None):
+        self.reader = ShardReader(shards_root, maker.split)
+        self.maker = maker
+        self.plan = plan
+        self.store_url = store_url
+        self._store: TeacherStore | None = None
+        self._unit: tuple[tuple[int, int], ViewRecord] | None = None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def _record(self, shard: int, v: int) -> ViewRecord:
+        if self._store is None:  # opened in the worker: zarr handles do not travel between processes
+            self._store = TeacherStore.open(self.store_url, self.maker.split)
+        if self._unit is None or self._unit[0] != (shard, v):
+            self._unit = ((shard, v), self._store.read_unit(shard, v))
+        return self._unit[1]
+
+    def _joined(self, piece: ViewPiece, batch: ViewBatch) -> StoredTargets:
+        rec = self._record(piece.shard, piece.v)
+        rows = np.asarray(piece.positions)
+        # The replay record and pixel digest must match what we just rebuilt: otherwise the stored teacher
+        # outputs belong to other pixels (another library version, another recipe).
+        same = (
+            np.array_equal(rec.partner[rows], batch.partner.numpy())
+            and np.array_equal(rec.lam[rows], batch.lam.numpy())
+            and np.array_equal(rec.digest[rows].astype(np.int64), batch.digest.numpy())
+        )
+        if not same:
+            raise InputError(
+                f"replay drift in shard {piece.shard} view {piece.v}: the views rebuilt here differ from the "
+                f"ones the teacher scored (run `deit-pipe verify-store`)"
+            )
+        return StoredTargets(
+            logits=torch.from_numpy(rec.logits[rows]),
+            classes=torch.from_numpy(rec.classes[rows].astype(np.int64)),
+            lse=torch.from_numpy(rec.lse[rows]),
+        )
+
+    def __getitem__(self, i: int) -> tuple[list[ViewPiece], ViewBatch, StoredTargets | None]:
+        pieces = self.plan[i]
+        batches = [
+            self.maker.shard_views(self.reader.samples(p.shard), p.shard, p.v, positions=list(p.positions))
+            for p in pieces
+        ]
+        if self.store_url is None:
+            return pieces, concat_batches(batches), None
+        stored = [self._joined(p, b) for p, b in zip(pieces, batches)]
+        targets = StoredTargets(*(torch.cat([getattr(s, f) for s in stored]) for f in ("logits", "classes", "lse")))
+        return pieces, concat_batches(batches), targets
+
+
+class EvalDataset(Dataset):
+    """Item i: (images, labels) of one slice of a shard, through the recipe's eval transform."""
+
+    def __init__(self, shards_root: str, manifest: ShardManifest, shards: list[int], transform, batch: int):
+        self.reader = ShardReader(shards_root, manifest.split)
+        self.transform = transform
+        self.items = [(s, a, min(a + batch, len(manifest.shard_range(s))))
+                      for s in shards for a in range(0, len(manifest.shard_range(s)), batch)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, start, end = self.items[i]
+        samples = self.reader.samples(shard)[start:end]
+        images = torch.stack([self.transform(decode_rgb(s.image)) for s in samples])
+        return images, torch.tensor([s.label for s in samples], dtype=torch.int64)

@@ -1,0 +1,98 @@
+"""DeepSpeed: the config a run asks for, and the engine around the student.
+
+On a machine without CUDA it uses DeepSpeed's CPU accelerator with gloo; with CUDA, nccl. The choice
+is made before deepspeed is imported, since DeepSpeed picks its accelerator at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from deit_pipe.errors import InputError
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    zero: int = 2
+    precision: str = "bf16"  # bf16 | fp32
+    micro_batch: int = 64
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # DeiT trains without clipping
+    user_config: str | None = None  # a DeepSpeed JSON whose keys override ours
+
+    def config(self) -> dict:
+        if self.zero not in (0, 1, 2, 3):
+            raise InputError(f"--zero must be 0, 1, 2 or 3, not {self.zero}")
+        if self.precision not in ("bf16", "fp32"):
+            raise InputError(f"--precision must be bf16 or fp32, not {self.precision!r}")
+        config = {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "zero_optimization": {"stage": self.zero},
+            "bf16": {"enabled": self.precision == "bf16"},
+            "gradient_clipping": self.grad_clip,
+            "steps_per_print": 1 << 30,  # our own progress bar and metrics replace DeepSpeed's prints
+            "checkpoint": {"load_universal": False},
+        }
+        if self.user_config:
+            config = _merge(config, _read_json(self.user_config))
+        return config
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"--ds-config {path}: {exc}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def select_accelerator() -> torch.device:
+    """cuda:LOCAL_RANK with nccl when CUDA is here, else DeepSpeed's CPU accelerator with gloo."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        # A plain single process: a world of one on a free local port (DeepSpeed would try MPI otherwise).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def input_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32

@@ -1,0 +1,1 @@
+"""Domain floor: optimiser settings and the DeiT learning-rate schedule."""

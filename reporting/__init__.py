@@ -1,0 +1,1 @@
+"""Domain floor: training metrics, results and plots."""

@@ -1,0 +1,324 @@
+"""`deit-pipe train`: the DeiT student under DeepSpeed ZeRO, reading shards and cached teacher targets.
+
+Each rank walks its part of the epoch's view schedule (data.schedule): loader workers rebuild the mixed
+views from the image shards and join them with the teacher store's rows by (idx, v); the student's
+targets come from the replay record (labels, partner, lambda) and the stored top-k, never from a
+model, except in the explicit online-teacher mode kept for comparison. Every rank runs the same
+number of steps; checkpoints carry (epoch, step) so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.schedule import rank_units, steps_per_epoch, views_needed
+from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
+from deit_pipe.data.view_plan import stream_items
+from deit_pipe.data.views import ViewMaker, mixed_targets
+from deit_pipe.distributed import deepspeed_engine
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.distributed.deepspeed_engine import EngineSpec
+from deit_pipe.errors import InputError
+from deit_pipe.loss.deit import DistillationLoss
+from deit_pipe.loss.teacher_targets import TeacherTargets
+from deit_pipe.models.export import export_safetensors
+from deit_pipe.models.registry import (
+    create_student, create_teacher, head_logits, is_distilled, is_vit, set_distilled_training,
+)
+from deit_pipe.optim.schedule import LRSchedule, adamw, set_lr
+from deit_pipe.reporting.plots import plot_training, read_jsonl
+from deit_pipe.storage.location import exists, join
+from deit_pipe.storage.manifest import ShardManifest, manifest_url
+from deit_pipe.storage.teacher_store import TeacherStore
+from deit_pipe.stages.verify_store import open_bound_store
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    name: str = "deit_tiny_distilled_patch16_224"
+    patch_size: int | None = None
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: str
+    output: str
+    store: str | None = None  # cached teacher targets; required for soft/hard unless teacher_online
+    student: StudentSpec = field(default_factory=StudentSpec)
+    distillation: str = "hard"  # none | soft | hard
+    alpha: float = 0.5
+    tau: float = 1.0
+    soft_reduction: str = "sum_numel"
+    teacher_online: str | None = None
+    teacher_weights: str | None = None
+    epochs: int = 300
+    repeats: int = 3
+    seed: int = 0
+    img_size: int | None = None  # the view size when no store gives the recipe (default 224)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    schedule: LRSchedule = field(default_factory=LRSchedule)
+    weight_decay: float = 0.05
+    workers: int = 2
+    checkpoint_every: int = 0  # steps; 0 = at epoch ends only
+    resume: bool = False
+    allow_view_reuse: bool = False
+    max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0 = run all epochs
+
+
+class StudentRun:
+    """One training run: the pieces the loop needs, built once from the config."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.ctx = RankContext.from_env()
+        self.device = deepspeed_engine.select_accelerator()
+        deepspeed_engine.init_distributed(self.device)
+        self.manifest = ShardManifest.load(cfg.shards, "train")
+        self.val = ShardManifest.load(cfg.shards, "val") if exists(manifest_url(cfg.shards, "val")) else None
+        self.num_classes = len(self.manifest.classes)
+        self.recipe, self.store_views = self._recipe_and_store()
+        self.maker = ViewMaker(self.recipe, "train")
+        self.criterion = DistillationLoss(cfg.distillation, cfg.alpha, cfg.tau, cfg.soft_reduction)
+        self.teacher = self._online_teacher()
+        model = self.build_student()
+        self.distilled = is_distilled(model)
+        if cfg.distillation != "none" or self.distilled:
+            # Distilled training mode returns both heads; with loss "none" both learn from the labels.
+            set_distilled_training(model, True)
+        self.global_batch = cfg.engine.micro_batch * cfg.engine.grad_accum * self.ctx.world_size
+        self.engine = deepspeed_engine.initialize(
+            model, adamw(model, cfg.schedule.peak(self.global_batch), cfg.weight_decay), cfg.engine.config()
+        )
+        self.dtype = deepspeed_engine.input_dtype(self.engine)
+        self.ckpt_dir = join(cfg.output, "checkpoints")
+
+    def build_student(self) -> torch.nn.Module:
+        s = self.cfg.student
+        # A ViT student is built for the recipe's view size; convnets take any size.
+        img_size = self.recipe.img_size if is_vit(s.name) else None
+        return create_student(s.name, self.num_classes, img_size=img_size, patch_size=s.patch_size, depth=s.depth,
+                              embed_dim=s.embed_dim, num_heads=s.num_heads, drop_path_rate=s.drop_path)
+
+    def _recipe_and_store(self) -> tuple[ViewRecipe, int | None]:
+        cfg = self.cfg
+        if cfg.distillation == "none" or cfg.teacher_online:
+            if cfg.store:
+                raise InputError("--logits is for cached distillation; drop it with --distillation none or --teacher-online")
+            return ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed), None
+        if not cfg.store:
+            raise InputError(f"--distillation {cfg.distillation} needs --logits STORE (or --teacher-online NAME)")
+        _, store, recipe = open_bound_store(cfg.shards, cfg.store, "train")
+        if cfg.img_size is not None and cfg.img_size != recipe.img_size:
+            raise InputError(f"--img-size {cfg.img_size} conflicts with the store's recipe (img_size {recipe.img_size})")
+        if cfg.tau != 1.0 and cfg.distillation == "hard":
+            raise InputError("--tau only applies to soft distillation")
+        return recipe, store.num_views
+
+    def _online_teacher(self):
+        cfg = self.cfg
+        if not cfg.teacher_online:
+            return None
+        if cfg.distillation == "none":
+            raise InputError("--teacher-online needs --distillation soft or hard")
+        model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights, img_size=self.recipe.img_size)
+        return model.to(self.device).eval()
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def steps_in(self, epoch: int) -> int:
+        return steps_per_epoch(self.manifest, epoch, self.cfg.repeats, self.cfg.seed, self.ctx.world_size,
+                               self.cfg.engine.micro_batch)
+
+    def train_loader(self, epoch: int, start_step: int) -> DataLoader:
+        cfg = self.cfg
+        units = rank_units(self.manifest, epoch, cfg.repeats, cfg.seed, self.ctx.rank, self.ctx.world_size,
+                           self.store_views, cfg.allow_view_reuse)
+        plan = stream_items(self.maker, self.manifest, units, cfg.engine.micro_batch, self.steps_in(epoch))
+        store_url = cfg.store if self.store_views is not None else None
+        dataset = ViewDataset(cfg.shards, self.maker, plan, store_url)
+        return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=cfg.workers,
+                          prefetch_factor=4 if cfg.workers else None)
+
+    def teacher_targets(self, images: torch.Tensor, stored) -> TeacherTargets | None:
+        if self.cfg.distillation == "none":
+            return None
+        if self.teacher is not None:
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                logits = self.teacher(images)
+            return TeacherTargets.from_logits(logits.float(), self.cfg.tau)
+        return TeacherTargets.from_topk(
+            stored.logits.to(self.device).float(), stored.classes.to(self.device), stored.lse.to(self.device),
+            self.num_classes, self.cfg.tau,
+        )
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def train_step(self, batch, stored, epoch: int, step: int) -> float:
+        cfg = self.cfg
+        # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
+        # resumed run draws what the unbroken run drew.
+        torch.manual_seed(hash_seed(cfg.seed, epoch, step, self.ctx.rank))
+        set_lr(self.engine.optimizer, cfg.schedule.at(epoch + step / max(self.steps_in(epoch), 1), self.global_batch))
+        images = batch.images.to(self.device, non_blocking=True)
+        targets = mixed_targets(batch.label, batch.partner_label, batch.lam, self.num_classes, self.recipe.smoothing)
+        teacher = self.teacher_targets(images, stored)
+        outputs = self.engine(images.to(self.dtype))
+        outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
+        loss = self.criterion(outputs, targets.to(self.device), teacher)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """top-1/top-5 of the averaged heads and of each head, over the whole val split (all ranks)."""
+        if self.val is None:
+            return {}
+        module = self.engine.module
+        module.eval()
+        shards = self.ctx.my_units(list(range(self.val.num_shards)))
+        data = EvalDataset(self.cfg.shards, self.val, shards, self.recipe.eval_transform(), self.cfg.engine.micro_batch)
+        counts: dict[str, torch.Tensor] = {}
+        for images, labels in DataLoader(data, batch_size=None, num_workers=self.cfg.workers):
+            for head, logits in head_logits(module, images.to(self.device, self.dtype)).items():
+                top5 = logits.float().topk(min(5, self.num_classes), dim=1).indices.cpu()
+                hit = top5 == labels[:, None]
+                c = counts.setdefault(head, torch.zeros(3, dtype=torch.float64))
+                c += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)], dtype=torch.float64)
+        module.train()
+        result = {}
+        for head in ("avg", "cls", "dist") if self.distilled else ("avg",):
+            c = counts.get(head, torch.zeros(3, dtype=torch.float64))
+            dist.all_reduce(c)
+            result[f"{head}_top1"] = 100.0 * c[0].item() / max(c[2].item(), 1)
+            result[f"{head}_top5"] = 100.0 * c[1].item() / max(c[2].item(), 1)
+        return result
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def save(self, epoch: int, step: int, total_steps: int) -> None:
+        self.engine.save_checkpoint(self.ckpt_dir, tag=f"global_step{total_steps}",
+                                    client_state={"epoch": epoch, "step": step, "total_steps": total_steps,
+                                                  "world_size": self.ctx.world_size})
+
+    def load(self) -> tuple[int, int, int]:
+        """(epoch, step within it, total steps) to continue from; (0, 0, 0) when there is no checkpoint."""
+        if not (self.cfg.resume and os.path.exists(os.path.join(self.ckpt_dir, "latest"))):
+            return 0, 0, 0
+        _, client = self.engine.load_checkpoint(self.ckpt_dir)
+        if client is None:
+            raise InputError(f"cannot load the checkpoint in {self.ckpt_dir}")
+        if client["world_size"] != self.ctx.world_size:
+            raise InputError(
+                f"checkpoint was written by {client['world_size']} ranks, this run has {self.ctx.world_size}"
+            )
+        epoch, step = client["epoch"], client["step"]
+        if step >= self.steps_in(epoch):
+            epoch, step = epoch + 1, 0
+        return epoch, step, client["total_steps"]
+
+    def param_digest(self) -> str:
+        """sha256 of the full fp32 parameters, the same on every rank when the ranks agree."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        h = hashlib.sha256()
+        params = list(self.engine.module.parameters())
+        with GatheredParameters(params, enabled=self.cfg.engine.zero == 3):
+            for p in params:
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def export(self, path: str) -> None:
+        """The final student as safetensors (fp32), gathered from the ZeRO partitions."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        if self.cfg.engine.zero == 0:
+            state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        else:
+            dist.barrier()
+            if not self.ctx.is_main:
+                return
+            state = get_fp32_state_dict_from_zero_checkpoint(self.ckpt_dir)
+        if self.ctx.is_main:
+            model = self.build_student()
+            model.load_state_dict(state)
+            export_safetensors(model, path)
+
+
+def hash_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def run(cfg: TrainConfig) -> dict:
+    r = StudentRun(cfg)
+    os.makedirs(cfg.output, exist_ok=True)
+    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
+    epoch, start_step, total_steps = r.load()
+    needed = views_needed(cfg.epochs, cfg.repeats)
+    if r.store_views is not None and needed > r.store_views and not cfg.allow_view_reuse:
+        raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
+                         f"{r.store_views} (run `deit-pipe teacher-logits --views {needed}` or pass --allow-view-reuse)")
+    wall = time.time()
+    images_seen = 0
+    stopped = False
+    while epoch < cfg.epochs and not stopped:
+        steps = r.steps_in(epoch)
+        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="step", disable=not r.ctx.is_main or None)
+        t0, losses = time.time(), []
+        for step, (_, batch, stored) in enumerate(r.train_loader(epoch, start_step), start=start_step):
+            losses.append(r.train_step(batch, stored, epoch, step))
+            total_steps += 1
+            images_seen += len(batch.idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{len(losses) * cfg.engine.micro_batch * r.ctx.world_size / (time.time() - t0):.0f}")
+            if cfg.max_steps and total_steps >= cfg.max_steps:
+                r.save(epoch, step + 1, total_steps)
+                stopped = True
+                break
+            if cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0 and step + 1 < steps:
+                r.save(epoch, step + 1, total_steps)
+        bar.close()
+        if stopped:
+            break
+        r.save(epoch, steps, total_steps)
+        row = {"epoch": epoch, "steps": total_steps, "train_loss": sum(losses) / max(len(losses), 1),
+               "images_per_s": len(losses) * cfg.engine.micro_batch * r.ctx.world_size / max(time.time() - t0, 1e-9),
+               **r.evaluate()}
+        if r.ctx.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        epoch, start_step = epoch + 1, 0
+
+    rank_state = {"rank": r.ctx.rank, "total_steps": total_steps, "param_sha256": r.param_digest()}
+    os.makedirs(os.path.join(cfg.output, "ranks"), exist_ok=True)
+    with open(os.path.join(cfg.output, "ranks", f"rank{r.ctx.rank}.json"), "w") as f:
+        json.dump(rank_state, f)
+    result = {"completed": not stopped, "total_steps": total_steps, "wall_s": time.time() - wall,
+              "images_per_s": images_seen / max(time.time() - wall, 1e-9)}
+    if not stopped:
+        r.export(os.path.join(cfg.output, "student.safetensors"))
+        if r.ctx.is_main:
+            rows = read_jsonl(metrics_path)
+            result.update(final=rows[-1] if rows else {}, config=_jsonable(asdict(cfg)))
+            with open(os.path.join(cfg.output, "results.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            plot_training(metrics_path, os.path.join(cfg.output, "training.png"), title=cfg.student.name)
+    return result
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,197 @@
+"""The teacher store: a Zarr v3 group per split at any fsspec URL (DESIGN invariant 3).
+
+    <store>/<split>/            group; attributes bind it to shards, recipe, teacher, k, views
+        logits   (N, V, k) f16  top-k teacher logits, descending
+        classes  (N, V, k) u16  their class indices (i32 past 65535 classes)
+        lse      (N, V)    f32  log-sum-exp of all logits: rebuilds the distribution at any temperature
+        partner  (N, V)    i32  replay record: the mixing partner's idx
+        lam      (N, V)    f32  replay record: the weight of the sample's own label
+        digest   (N, V)    u32  digest of the view's pixels: replay drift shows without the teacher
+        _commits/<shard>-<v>    a unit is written only once its marker exists
+
+Chunks are (S, 1, ...): one chunk = one image shard x one view = one write unit = one writer, so two
+writers never share an object, and views appended later land in new chunks (only metadata changes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from deit_pipe.errors import InputError
+from deit_pipe.storage.location import exists, join, put_atomic, resolve, wait_for
+from deit_pipe.storage.manifest import ShardManifest
+
+STORE_VERSION = 1
+# Fields that must match between a store and the run that reads or extends it, in the order checked.
+BINDING_FIELDS = ("format_version", "split", "manifest_digest", "num_samples", "samples_per_shard",
+                  "recipe_hash", "teacher", "num_classes", "k")
+
+
+def store_binding(manifest: ShardManifest, recipe_hash: str, teacher: dict, num_classes: int, k: int) -> dict:
+    """The attributes that tie a store to its shards, view recipe and teacher."""
+    return {
+        "format_version": STORE_VERSION,
+        "split": manifest.split,
+        "manifest_digest": manifest.digest,
+        "num_samples": manifest.num_samples,
+        "samples_per_shard": manifest.samples_per_shard,
+        "recipe_hash": recipe_hash,
+        "teacher": teacher,
+        "num_classes": num_classes,
+        "k": k,
+    }
+
+
+@dataclass(frozen=True)
+class ViewRecord:
+    """Everything stored for a run of views (one unit or a slice of one): arrays of equal length n."""
+
+    logits: np.ndarray  # [n, k] float16
+    classes: np.ndarray  # [n, k]
+    lse: np.ndarray  # [n] float32
+    partner: np.ndarray  # [n] int32
+    lam: np.ndarray  # [n] float32
+    digest: np.ndarray  # [n] uint32
+
+
+def _arrays(k: int, num_classes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    cls_dtype = "uint16" if num_classes <= np.iinfo(np.uint16).max else "int32"
+    return {
+        "logits": ((k,), "float16"),
+        "classes": ((k,), cls_dtype),
+        "lse": ((), "float32"),
+        "partner": ((), "int32"),
+        "lam": ((), "float32"),
+        "digest": ((), "uint32"),
+    }
+
+
+class TeacherStore:
+    def __init__(self, url: str, split: str, group: zarr.Group):
+        self.url = url
+        self.split = split
+        self.group = group
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _group_url(url: str, split: str) -> str:
+        return join(url, split)
+
+    @classmethod
+    def open(cls, url: str, split: str) -> "TeacherStore":
+        group_url = cls._group_url(url, split)
+        if not exists(join(group_url, "zarr.json")):
+            raise InputError(f"no teacher store for split '{split}' at {url} (run `deit-pipe teacher-logits`)")
+        return cls(url, split, zarr.open_group(group_url, mode="r+"))
+
+    @classmethod
+    def exists(cls, url: str, split: str) -> bool:
+        return exists(join(cls._group_url(url, split), "zarr.json"))
+
+    @classmethod
+    def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict) -> "TeacherStore":
+        """Lay out an empty store (one process does this; the others wait for `layout_ready`)."""
+        n, spc, k = binding["num_samples"], binding["samples_per_shard"], binding["k"]
+        group = zarr.open_group(cls._group_url(url, split), mode="w")
+        codec = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+        for name, (tail, dtype) in _arrays(k, binding["num_classes"]).items():
+            group.create_array(
+                name, shape=(n, num_views, *tail), chunks=(spc, 1, *tail), dtype=dtype,
+                fill_value=0, compressors=[codec],
+            )
+        group.attrs.update({**binding, "num_views": num_views, "provenance": provenance})
+        store = cls(url, split, group)
+        store._mark_layout()
+        return store
+
+    # -- binding ------------------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def num_views(self) -> int:
+        return int(self.group.attrs["num_views"])
+
+    @property
+    def k(self) -> int:
+        return int(self.group.attrs["k"])
+
+    def check_binding(self, expected: dict) -> None:
+        """Refuse a store made for other shards/recipe/teacher, naming the first field that differs."""
+        attrs = self.attrs
+        for field in BINDING_FIELDS:
+            if field in expected and attrs.get(field) != expected[field]:
+                raise InputError(
+                    f"teacher store {self.url} does not match: {field} is {attrs.get(field)!r} in the store "
+                    f"but {expected[field]!r} here"
+                )
+
+    def append_views(self, num_views: int) -> None:
+        """Grow the view axis: existing chunks are untouched, new views land in new chunks."""
+        if num_views <= self.num_views:
+            return
+        for name in _arrays(self.k, self.group.attrs["num_classes"]):
+            arr = self.group[name]
+            arr.resize((arr.shape[0], num_views, *arr.shape[2:]))
+        self.group.attrs["num_views"] = num_views
+        self._mark_layout()
+
+    # -- commit markers -----------------------------------------------------------------------------
+
+    def _marker(self, name: str) -> str:
+        return join(self._group_url(self.url, self.split), "_commits", name)
+
+    def _mark_layout(self) -> None:
+        put_atomic(self._marker(f"layout-{self.num_views}"), b"")
+
+    @classmethod
+    def wait_layout(cls, url: str, split: str, num_views: int) -> "TeacherStore":
+        """The barrier for ranks other than the one that lays out or grows the store."""
+        store_marker = join(cls._group_url(url, split), "_commits", f"layout-{num_views}")
+        wait_for([store_marker], what=f"the teacher store layout ({num_views} views) at {url}")
+        return cls.open(url, split)
+
+    def unit_marker(self, shard: int, v: int) -> str:
+        return self._marker(f"{shard:06d}-{v:05d}")
+
+    def is_committed(self, shard: int, v: int) -> bool:
+        return exists(self.unit_marker(shard, v))
+
+    def committed_units(self) -> set[tuple[int, int]]:
+        fs, path = resolve(self._marker(""))
+        fs.invalidate_cache()
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return set()
+        return {tuple(int(x) for x in n.split("-")) for n in names if not n.startswith("layout")}
+
+    # -- units --------------------------------------------------------------------------------------
+
+    def _rows(self, shard: int) -> slice:
+        spc = int(self.group.attrs["samples_per_shard"])
+        return slice(shard * spc, min((shard + 1) * spc, int(self.group.attrs["num_samples"])))
+
+    def write_unit(self, shard: int, v: int, record: ViewRecord) -> None:
+        """Write one whole chunk per array, then the commit marker (a unit without it is redone)."""
+        rows = self._rows(shard)
+        for name in _arrays(self.k, self.group.attrs["num_classes"]):
+            self.group[name][rows, v] = getattr(record, name)
+        put_atomic(self.unit_marker(shard, v), b"")
+
+    def read_unit(self, shard: int, v: int) -> ViewRecord:
+        if not self.is_committed(shard, v):
+            raise InputError(f"teacher store {self.url}: shard {shard} view {v} is not committed")
+        rows = self._rows(shard)
+        return ViewRecord(**{name: self.group[name][rows, v] for name in _arrays(self.k, self.group.attrs["num_classes"])})
+
+    def nbytes_stored(self) -> int:
+        fs, path = resolve(self._group_url(self.url, self.split))
+        return sum(fs.du(path, total=False).values()) if hasattr(fs, "du") else 0
