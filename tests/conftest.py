@@ -1,0 +1,196 @@
+"""Shared fixtures: an S3 API server on 127.0.0.1 (moto), and small generated ImageFolders.
+
+`odd_image_folder` holds every odd input the shard stage must survive, with the verdict expected for
+each file; `fmnist_folder` is a little of the real Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+FMNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
+
+
+# ------------------------------------------------------------------------------------------ S3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1; yields its endpoint URL.
+
+    Credentials and endpoint go in the environment only, as in production: subprocesses pick the endpoint
+    up from FSSPEC_S3_ENDPOINT_URL when they import fsspec; this process imported fsspec already, so its
+    config gets the same value.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+    }
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_conf = fsspec.config.conf.get("s3")
+    os.environ.update(env)
+    fsspec.config.conf["s3"] = {**(saved_conf or {}), "endpoint_url": endpoint}
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if saved_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = saved_conf
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server: yields "s3://<name>"."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(name)
+    yield f"s3://{name}"
+    fs.rm(name, recursive=True)
+    fs.invalidate_cache()
+
+
+# ------------------------------------------------------------------------------- image folders
+
+
+def _pixels(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bytes(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand, for what PIL cannot write (48-bit RGB) or must not check (bomb headers)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def odd_inputs(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, expected verdict: keep / convert / reject): every odd input the shard stage meets."""
+    rgb = Image.fromarray(_pixels(rng, (20, 28, 3)), "RGB")
+    rgb48 = rng.integers(0, 65536, size=(6, 5, 3), dtype=np.uint16).astype(">u2")
+    rgb48_rows = b"".join(b"\x00" + row.tobytes() for row in rgb48)
+    good_jpeg = _encode(rgb, "JPEG", quality=90)
+    return {
+        "cmyk.JPEG": (_encode(rgb.convert("CMYK"), "JPEG"), "convert"),
+        "gray16.png": (_encode(Image.fromarray(rng.integers(0, 65536, (9, 7), dtype=np.uint16)), "PNG"), "convert"),
+        "rgb48.png": (png_bytes(5, 6, 16, 2, rgb48_rows), "convert"),
+        "palette.png": (_encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "convert"),
+        "rgba.png": (_encode(rgb.convert("RGBA"), "PNG"), "convert"),
+        "la.png": (_encode(rgb.convert("LA"), "PNG"), "convert"),
+        "png_named.JPEG": (_encode(rgb, "PNG"), "keep"),
+        "truncated.JPEG": (good_jpeg[: len(good_jpeg) // 2], "reject"),
+        "empty.JPEG": (b"", "reject"),
+        "text.jpg": (b"this is not an image\n", "reject"),
+        # A 100000 x 100000 header around a few bytes of data: must be rejected without decoding.
+        "bomb.png": (png_bytes(100_000, 100_000, 8, 2, b"\x00" * 16), "reject"),
+    }
+
+
+@dataclass
+class ImageFolderSpec:
+    """A generated ImageFolder and what the shard stage should make of it."""
+
+    root: Path
+    classes: list[str]
+    verdicts: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> relpath -> keep/convert/reject
+    ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> manifest.ignored
+
+    def accepted(self, split: str) -> dict[str, str]:
+        return {p: v for p, v in self.verdicts[split].items() if v != "reject"}
+
+
+def build_odd_image_folder(root: Path, per_class: int = 5, seed: int = 0) -> ImageFolderSpec:
+    """train/ and val/ with plain JPEG/PNG (RGB and L) images, every odd input in train/cat, a hidden
+    file and folder, a non-image file, and a file outside any class folder."""
+    rng = np.random.default_rng(seed)
+    classes = ["cat", "dog", "fish"]
+    spec = ImageFolderSpec(root, classes)
+    for split, split_classes, n in (("train", classes, per_class), ("val", classes[:2], 2)):
+        verdicts = spec.verdicts.setdefault(split, {})
+        for c in split_classes:
+            for i in range(n):
+                h, w = int(rng.integers(12, 40)), int(rng.integers(12, 40))
+                if i % 2:
+                    name, data = f"{c}_{i:03d}.JPEG", _encode(Image.fromarray(_pixels(rng, (h, w, 3))), "JPEG")
+                else:
+                    name, data = f"{c}_{i:03d}.png", _encode(Image.fromarray(_pixels(rng, (h, w))), "PNG")
+                _write(root / split / c / name, data)
+                verdicts[f"{c}/{name}"] = "keep"
+        spec.ignored[split] = {"hidden": 0, "non_image": 0, "outside_class": 0}
+    for name, (data, verdict) in odd_inputs(rng).items():
+        _write(root / "train" / "cat" / name, data)
+        spec.verdicts["train"][f"cat/{name}"] = verdict
+    _write(root / "train" / "dog" / ".hidden.JPEG", b"\xff\xd8 hidden")
+    _write(root / "train" / "dog" / ".thumbs" / "dog_000.JPEG", b"\xff\xd8 hidden folder")
+    _write(root / "train" / "fish" / "notes.txt", b"not an image extension")
+    _write(root / "train" / "LICENSE", b"outside any class folder")
+    spec.ignored["train"] = {"hidden": 2, "non_image": 1, "outside_class": 1}
+    return spec
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture(scope="session")
+def odd_image_folder(tmp_path_factory) -> ImageFolderSpec:
+    return build_odd_image_folder(tmp_path_factory.mktemp("odd") / "imagenet")
+
+
+@pytest.fixture(scope="session")
+def fmnist_folder(tmp_path_factory) -> Path:
+    """200 train and 50 val images of the real Fashion-MNIST, as an ImageFolder of PNGs."""
+    if not Path(FMNIST_SOURCE, "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    from deit_pipe.pipeline.fashion_mnist import write_image_folder
+
+    root = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
+    write_image_folder(str(root), FMNIST_SOURCE, limit=200, val_limit=50)
+    return root

@@ -1,0 +1,286 @@
+"""`deit-pipe shard`: odd inputs locally and on S3, webdataset read-back, real Fashion-MNIST, determinism
+over workers / ranks / a SIGKILL and rerun, and one-line CLI errors (DESIGN invariant 1, storage rules)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from conftest import ImageFolderSpec, build_odd_image_folder
+from PIL import Image
+
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.stages import shard as stage
+from deit_pipe.storage.location import join, read_bytes
+from deit_pipe.storage.manifest import ShardManifest, shard_url
+from deit_pipe.storage.shards import read_shard, safe_key
+
+OPTIONS = stage.ShardOptions(samples_per_shard=4, seed=3)
+SINGLE = RankContext()  # explicit, so a RANK in the test environment cannot leak in
+FORMAT_OF_EXT = {"jpg": "JPEG", "png": "PNG"}
+
+
+def shard(src, dest, options=OPTIONS, workers=1, ctx=SINGLE):
+    return {r.manifest.split: r for r in stage.run(str(src), str(dest), options, workers, ctx)}
+
+
+def cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deit_pipe.pipeline.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def check_split(dest: str, spec: ImageFolderSpec, split: str, options=OPTIONS) -> ShardManifest:
+    """Everything the manifest claims, checked against the shards re-read and the expected verdicts."""
+    m = ShardManifest.load(dest, split)
+    accepted = spec.accepted(split)
+    expect_converted = {p for p, v in accepted.items() if v == "convert"} | {
+        p for p in accepted if Path(p).suffix == ".JPEG" and "png_named" in p
+    }
+    assert m.classes == spec.classes
+    assert m.num_samples == len(accepted) and m.samples_per_shard == options.samples_per_shard
+    assert m.num_shards == -(-len(accepted) // options.samples_per_shard)
+    assert {r["path"] for r in m.rejected} == {p for p, v in spec.verdicts[split].items() if v == "reject"}
+    assert all(r["reason"] for r in m.rejected + m.converted)
+    assert {c["path"] for c in m.converted} == expect_converted
+    assert m.ignored == spec.ignored[split]
+    assert m.digest == m.compute_digest()
+    key_to_path = {safe_key(p): p for p in accepted}
+    seen = []
+    for s, info in enumerate(m.shards):
+        url = shard_url(dest, split, s)
+        data = read_bytes(url)
+        assert (info.bytes, info.sha256, info.num_samples) == (len(data), _sha(data), len(m.shard_range(s)))
+        samples = list(read_shard(url))
+        assert [x.idx for x in samples] == list(m.shard_range(s))
+        for x in samples:
+            path = key_to_path[x.key]
+            assert x.label == spec.classes.index(path.split("/")[0])
+            img = Image.open(io.BytesIO(x.image))
+            assert img.format == FORMAT_OF_EXT[x.ext] and img.mode in ("RGB", "L")
+            img.load()
+            if options.max_side:
+                assert x.ext == "jpg" and max(img.size) <= options.max_side
+            elif accepted[path] == "keep":
+                assert x.image == (spec.root / split / path).read_bytes()  # copy mode keeps the bytes
+            seen.append(path)
+    assert sorted(seen) == sorted(accepted)  # every accepted file exactly once
+    labels = [spec.classes.index(p.split("/")[0]) for p in seen[: options.samples_per_shard * 2]]
+    if split == "train":
+        assert len(set(labels)) > 1  # shuffled: the first shards mix classes
+    return m
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def local_run(odd_image_folder, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("shards") / "out"
+    return dest, shard(odd_image_folder.root, dest)
+
+
+def test_odd_inputs_local(odd_image_folder, local_run):
+    dest, reports = local_run
+    assert set(reports) == {"train", "val"}
+    for split in reports:
+        check_split(str(dest), odd_image_folder, split)
+    assert reports["train"].shards_written == reports["train"].manifest.num_shards
+    text = "\n".join(stage.summary(reports["train"]))
+    assert "rejected 4" in text and "converted 7" in text and "ignored 4" in text
+
+
+def test_webdataset_reads_every_accepted_sample_once(odd_image_folder, local_run):
+    import webdataset as wds
+
+    dest, reports = local_run
+    m = reports["train"].manifest
+    urls = [str(dest / "train" / s.name) for s in m.shards]
+    key_to_path = {safe_key(p): p for p in odd_image_folder.accepted("train")}
+    got = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        path = key_to_path[sample["__key__"]]
+        assert path not in got
+        got[path] = (int(sample["cls"]), int(sample["idx"]))
+        assert ("jpg" in sample) != ("png" in sample)
+    assert sorted(got) == sorted(key_to_path.values())
+    assert sorted(i for _, i in got.values()) == list(range(m.num_samples))
+    for path, (label, _) in got.items():
+        assert label == odd_image_folder.classes.index(path.split("/")[0])
+
+
+def test_rerun_of_a_finished_run_writes_nothing_and_changes_nothing(odd_image_folder, local_run):
+    dest, _ = local_run
+    before = tree(dest)
+    reports = shard(odd_image_folder.root, dest)
+    assert all(r.shards_written == 0 for r in reports.values())
+    assert tree(dest) == before
+
+
+def test_pre_resize_and_pixel_limit(odd_image_folder, tmp_path):
+    options = stage.ShardOptions(samples_per_shard=5, seed=0, max_side=16, jpeg_quality=75, max_pixels=700)
+    reports = shard(odd_image_folder.root, tmp_path, options)
+    m = reports["train"].manifest
+    too_big = {
+        p for p in odd_image_folder.accepted("train")
+        if np.prod(Image.open(odd_image_folder.root / "train" / p).size) > 700
+    }
+    assert too_big  # the limit is tight enough to bite
+    bombs = {r["path"] for r in m.rejected if r["reason"].startswith("decompression bomb")}
+    assert bombs == too_big | {"cat/bomb.png"}
+    assert m.options == {"max_side": 16, "jpeg_quality": 75, "max_pixels": 700}
+    for s in range(m.num_shards):
+        for x in read_shard(shard_url(str(tmp_path), "train", s)):
+            img = Image.open(io.BytesIO(x.image))
+            assert x.ext == "jpg" and img.format == "JPEG" and max(img.size) <= 16
+
+
+def test_odd_inputs_on_s3(odd_image_folder, s3_bucket):
+    fs = fsspec.filesystem("s3")
+    src, dest = join(s3_bucket, "imagenet"), join(s3_bucket, "shards")
+    fs.put(str(odd_image_folder.root) + "/", src.removeprefix("s3://"), recursive=True)
+    reports = shard(src, dest)
+    for split in ("train", "val"):
+        check_split(dest, odd_image_folder, split)
+    assert reports["train"].manifest.to_json() == ShardManifest.load(dest, "train").to_json()
+
+
+@pytest.mark.slow
+def test_cli_on_s3_with_workers_matches_local(odd_image_folder, local_run, s3_bucket):
+    """Subprocesses (and their forkserver workers) find the endpoint in the environment alone."""
+    dest, _ = local_run
+    out = join(s3_bucket, "shards")
+    result = cli("shard", odd_image_folder.root, out, "--samples-per-shard", "4", "--seed", "3", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    fsspec.filesystem("s3").invalidate_cache()
+    for split in ("train", "val"):
+        assert read_bytes(join(out, split, "manifest.json")) == (dest / split / "manifest.json").read_bytes()
+
+
+def test_real_fashion_mnist(fmnist_folder, tmp_path):
+    reports = shard(fmnist_folder, tmp_path, stage.ShardOptions(samples_per_shard=64))
+    train, val = reports["train"].manifest, reports["val"].manifest
+    assert (train.num_samples, val.num_samples, train.num_shards) == (200, 50, 4)
+    assert len(train.classes) == 10 and not train.rejected and not train.converted
+    labels = []
+    for s in range(train.num_shards):
+        for x in read_shard(shard_url(str(tmp_path), "train", s)):
+            assert train.classes[x.label] == x.key.split("/")[0].replace("_5f", "_")
+            assert Image.open(io.BytesIO(x.image)).size == (28, 28)
+            labels.append(x.label)
+    assert np.bincount(labels).tolist() == [20] * 10
+
+
+def test_one_and_three_workers_give_identical_bytes(odd_image_folder, local_run, tmp_path):
+    dest, _ = local_run
+    shard(odd_image_folder.root, tmp_path, workers=3)
+    assert tree(tmp_path) == tree(dest)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_bytes_of_one(odd_image_folder, local_run, tmp_path):
+    dest, _ = local_run
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "deit_pipe.pipeline.cli", "shard", str(odd_image_folder.root), str(tmp_path),
+             "--samples-per-shard", "4", "--seed", "3", "--workers", "1"],
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    assert tree(tmp_path) == tree(dest)
+    # Each rank wrote its own round-robin half of the shards.
+    assert "3 written by this run" in outs[0][0] and "3 written by this run" in outs[1][0]
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    # Many one-sample shards that each need a resize: the run spends a while committing them.
+    src = tmp_path / "src" / "train"
+    rng = np.random.default_rng(5)
+    for i in range(240):
+        path = src / f"class{i % 3}" / f"img{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    args = ["--samples-per-shard", "1", "--max-side", "32", "--workers", "1"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    shard(src, reference, stage.ShardOptions(samples_per_shard=1, max_side=32))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deit_pipe.pipeline.cli", "shard", str(src), str(killed), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    markers = killed / "train" / "_work" / "shards"
+    deadline = time.monotonic() + 60
+    committed: set[str] = set()
+    while not committed:  # until the first shard's commit marker shows
+        assert proc.poll() is None and time.monotonic() < deadline
+        committed = _committed(markers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = _committed(markers)
+    assert 0 < len(committed) < 240 and not (killed / "train" / "manifest.json").exists()
+    stamps = {n: (killed / "train" / n).stat().st_mtime_ns for n in committed}
+
+    rerun = cli("shard", src, killed, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{240 - len(committed)} written by this run" in rerun.stdout
+    assert {n: (killed / "train" / n).stat().st_mtime_ns for n in committed} == stamps  # not redone
+    assert tree(killed) == tree(reference)
+
+
+def _committed(markers: Path) -> set[str]:
+    names = os.listdir(markers) if markers.is_dir() else []
+    return {n.removesuffix(".json") for n in names if n.endswith(".tar.json")}
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deit-pipe: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line(tmp_path, odd_image_folder, s3_server):
+    _one_line_error(cli("shard", tmp_path / "missing", tmp_path / "out"), "does not exist")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    _one_line_error(cli("shard", tmp_path / "flat", tmp_path / "out"), "no class folders")
+    bad = build_odd_image_folder(tmp_path / "bad", per_class=1)
+    (bad.root / "val" / "zebra").mkdir()
+    (bad.root / "val" / "zebra" / "z.png").write_bytes((bad.root / "val" / "cat" / "cat_000.png").read_bytes())
+    _one_line_error(cli("shard", bad.root, tmp_path / "out"), "in val but not in train", "zebra")
+    (tmp_path / "file").write_bytes(b"")
+    _one_line_error(cli("shard", odd_image_folder.root, tmp_path / "file" / "out"), "cannot write to")
+    _one_line_error(cli("shard", odd_image_folder.root, "s3://no-such-bucket-deit/out"), "cannot write to")
+    # A rerun with other arguments must not mix two runs' outputs.
+    first = cli("shard", odd_image_folder.root, tmp_path / "out", "--samples-per-shard", "4", "--workers", "1")
+    assert first.returncode == 0, first.stderr
+    line = _one_line_error(
+        cli("shard", odd_image_folder.root, tmp_path / "out", "--samples-per-shard", "4", "--seed", "9"),
+        "other arguments",
+    )
+    assert "seed 0 -> 9" in line
