@@ -1,0 +1,65 @@
+"""Images/s of `deit-pipe shard` in copy mode next to GNU tar on the same files, and their ratio.
+
+    python bench/shard.py [--limit 10000] [--val-limit 2000] [--workers 0] [--repeats 2]
+
+Builds a Fashion-MNIST ImageFolder (`deit-pipe fashion-mnist`), then times, side by side in this run,
+`tar -cf` of the train/ and val/ folders and `deit-pipe shard` into a fresh DEST (scan + shards +
+manifest, whole command wall time). Both read warm files from the page cache; best of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEIT_PIPE = [sys.executable, "-m", "deit_pipe.pipeline.cli"]
+
+
+def timed(cmd: list[str], out: Path) -> float:
+    """Wall time of `cmd`, started with its output `out` (a file or folder) removed."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    out.unlink(missing_ok=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=10000, help="train images")
+    ap.add_argument("--val-limit", type=int, default=2000, help="val images")
+    ap.add_argument("--workers", type=int, default=0, help="deit-pipe shard --workers (0 = one per core)")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
+        tmp = Path(tmp)
+        src = tmp / "fashion-mnist"
+        subprocess.run(
+            [*DEIT_PIPE, "fashion-mnist", str(src), "--limit", str(args.limit), "--val-limit", str(args.val_limit)],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        images = sum(1 for p in src.rglob("*.png"))
+        tar_cmd = ["tar", "-cf", str(tmp / "all.tar"), "-C", str(src), "train", "val"]
+        shard_cmd = [*DEIT_PIPE, "shard", str(src), str(tmp / "shards"), "--workers", str(args.workers)]
+        timed(tar_cmd, tmp / "all.tar")  # warm the page cache for both
+        tar_s = min(timed(tar_cmd, tmp / "all.tar") for _ in range(args.repeats))
+        shard_s = min(timed(shard_cmd, tmp / "shards") for _ in range(args.repeats))
+        shard_bytes = sum(p.stat().st_size for p in (tmp / "shards").rglob("*.tar"))
+        tar_bytes = (tmp / "all.tar").stat().st_size
+
+    print(f"Fashion-MNIST ImageFolder: {images} PNG images (28x28), workers={args.workers or 'all cores'}")
+    print(f"{'':24}{'seconds':>10}{'images/s':>12}{'MB out':>10}")
+    print(f"{'tar -cf':24}{tar_s:10.2f}{images / tar_s:12.0f}{tar_bytes / 1e6:10.1f}")
+    print(f"{'deit-pipe shard (copy)':24}{shard_s:10.2f}{images / shard_s:12.0f}{shard_bytes / 1e6:10.1f}")
+    print(f"ratio shard/tar throughput: {tar_s / shard_s:.3f} (tar is {shard_s / tar_s:.1f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
