@@ -32,7 +32,6 @@ from tqdm import tqdm
 from deit_pipe.data.images import (
     DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_PIXELS,
-    KEEP,
     REJECT,
     Inspection,
     inspect_image,
@@ -328,10 +327,14 @@ def _permutation(seed: int, split: str, n: int) -> np.ndarray:
     return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(n)
 
 
+def _markers(dest: str, planned: _Planned, options: ShardOptions) -> list[str]:
+    num_shards = math.ceil(len(planned.accepted) / options.samples_per_shard)
+    return [_marker_url(dest, planned.source.split, s) for s in range(num_shards)]
+
+
 def _write(dest: str, planned: _Planned, options: ShardOptions, ctx: RankContext, workers: int) -> None:
-    source, size = planned.source, options.samples_per_shard
-    n = len(planned.accepted)
-    markers = [_marker_url(dest, source.split, s) for s in range(math.ceil(n / size))]
+    source, size, n = planned.source, options.samples_per_shard, len(planned.accepted)
+    markers = _markers(dest, planned, options)
     committed = _existing(markers)
     labels = {c: i for i, c in enumerate(source.classes)}
     todo = []
@@ -355,7 +358,9 @@ def _write(dest: str, planned: _Planned, options: ShardOptions, ctx: RankContext
     planned.shards_written = len(todo)
 
 
-def _plan_and_write(dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int) -> _Planned:
+def _plan_and_write(
+    dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int
+) -> _Planned:
     _agree_on_plan(dest, source, options, ctx)
     planned = _Planned(source, _scan(dest, source, options, ctx, workers))
     planned.accepted = [i for i, v in enumerate(planned.verdicts) if v["action"] != REJECT]
@@ -365,10 +370,9 @@ def _plan_and_write(dest: str, source: SplitSource, options: ShardOptions, ctx: 
 
 
 def _manifest(dest: str, planned: _Planned, options: ShardOptions) -> ShardManifest:
-    source = planned.source
-    markers = [_marker_url(dest, source.split, s) for s in range(math.ceil(len(planned.accepted) / options.samples_per_shard))]
+    source, verdicts = planned.source, planned.verdicts
+    markers = _markers(dest, planned, options)
     wait_for(markers, f"{source.split} shards of the other ranks", poll=0.5)
-    verdicts = planned.verdicts
     return ShardManifest(
         split=source.split,
         classes=source.classes,
@@ -377,13 +381,16 @@ def _manifest(dest: str, planned: _Planned, options: ShardOptions) -> ShardManif
         seed=options.seed,
         shards=[ShardInfo(**info) for info in _read_json(markers)],
         rejected=[{"path": v["path"], "reason": v["reason"]} for v in verdicts if v["action"] == REJECT],
+        # Kept files with a reason (a PNG named .JPEG stored as .png) are listed with the conversions.
         converted=[{"path": v["path"], "reason": v["reason"]} for v in verdicts if v["action"] != REJECT and v["reason"]],
         ignored=source.ignored,
-        options={"max_side": options.max_side, "jpeg_quality": options.jpeg_quality, "max_pixels": options.max_pixels},
+        options={k: v for k, v in asdict(options).items() if k not in ("samples_per_shard", "seed")},
     )
 
 
-def run(src: str, dest: str, options: ShardOptions, workers: int = 1, ctx: RankContext | None = None) -> list[SplitReport]:
+def run(
+    src: str, dest: str, options: ShardOptions, workers: int = 1, ctx: RankContext | None = None
+) -> list[SplitReport]:
     """Shard every split of SRC into DEST; rank 0 writes each manifest after all its shards are committed."""
     ctx = ctx or RankContext.from_env()
     sources = find_splits(src)

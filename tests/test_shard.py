@@ -3,6 +3,7 @@ over workers / ranks / a SIGKILL and rerun, and one-line CLI errors (DESIGN inva
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
@@ -63,7 +64,7 @@ def check_split(dest: str, spec: ImageFolderSpec, split: str, options=OPTIONS) -
     for s, info in enumerate(m.shards):
         url = shard_url(dest, split, s)
         data = read_bytes(url)
-        assert (info.bytes, info.sha256, info.num_samples) == (len(data), _sha(data), len(m.shard_range(s)))
+        assert (info.bytes, info.sha256, info.num_samples) == (len(data), hashlib.sha256(data).hexdigest(), len(m.shard_range(s)))
         samples = list(read_shard(url))
         assert [x.idx for x in samples] == list(m.shard_range(s))
         for x in samples:
@@ -82,12 +83,6 @@ def check_split(dest: str, spec: ImageFolderSpec, split: str, options=OPTIONS) -
     if split == "train":
         assert len(set(labels)) > 1  # shuffled: the first shards mix classes
     return m
-
-
-def _sha(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
