@@ -395,6 +395,8 @@ def run(
     ctx = ctx or RankContext.from_env()
     sources = find_splits(src)
     check_writable(dest)
+    if "memory" in resolve(dest)[0].protocol:
+        workers = 1  # a memory:// filesystem lives in one process: worker processes would write elsewhere
     # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
     planned = [_plan_and_write(dest, source, options, ctx, workers) for source in sources]
     reports = []
