@@ -23,3 +23,8 @@ fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0":
 # Benchmarks of the stages (ratios measured side by side in one run).
 bench:
     python bench/shard.py
+
+# The main job: Fashion-MNIST -> shards -> RegNet teacher -> teacher store -> four DeiT students (results + plots).
+demo out="demo-output" *args:
+    [ -f {{fmnist_src}}/train-images-idx3-ubyte.gz ] || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+    deit-pipe demo {{out}} {{args}}

@@ -6,6 +6,7 @@ Bad input raises InputError deep down; `main` prints it as one line and exits 2,
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated, Optional
 
@@ -83,16 +84,159 @@ def shard(
             typer.echo(line)
 
 
+Split = Annotated[str, typer.Option(help="Which split's shards (train, val, ...).")]
+Device = Annotated[str, typer.Option(help="torch device for the teacher: cpu, cuda, cuda:1 ...")]
+
+
 @app.command("teacher-logits")
-def teacher_logits() -> None:
-    """Run the teacher once over replayable views and store its top-k logits (not implemented yet)."""
-    raise InputError("`teacher-logits` is not implemented yet")
+def teacher_logits(
+    shards: Annotated[str, typer.Argument(help="Shard root written by `deit-pipe shard` (any fsspec URL).")],
+    store: Annotated[str, typer.Argument(help="Teacher store URL (Zarr v3): local path, s3://, gs://, memory://.")],
+    teacher: Annotated[str, typer.Option(help="timm model name of the teacher (DeiT uses regnety_160).")] = "regnety_160",
+    teacher_weights: Annotated[Optional[str], typer.Option(
+        help="Teacher weights, .safetensors or .pth (loaded weights-only), local path or fsspec URL. "
+        "Nothing is downloaded: without it the teacher is random (for smoke tests only).")] = None,
+    views: Annotated[int, typer.Option(help="Views per sample to store (one per training epoch, see DESIGN).")] = 1,
+    topk: Annotated[int, typer.Option(help="Teacher logits kept per view (top-1 is what hard distillation needs).")] = 10,
+    img_size: Annotated[int, typer.Option(help="View size in pixels; binds the store to the recipe.")] = 224,
+    seed: Annotated[int, typer.Option(help="View recipe seed: views are a pure function of (seed, split, idx, view).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 64,
+    workers: Annotated[int, typer.Option(help="Loader worker processes per rank (decode + augment).")] = 2,
+    device: Device = "cpu",
+    precision: Annotated[str, typer.Option(help="Teacher precision: bf16 or fp32.")] = "bf16",
+    split: Split = "train",
+) -> None:
+    """Run the teacher ONCE over replayable views and store its top-k logits per (sample, view).
+
+    Resumable (a rerun redoes only uncommitted units) and appendable (a larger --views adds views).
+    Multi-rank: reads RANK/WORLD_SIZE (torchrun, srun) and splits the shards among ranks.
+    """
+    from deit_pipe.data.recipe import ViewRecipe
+    from deit_pipe.stages import teacher_logits as stage
+
+    if precision not in ("bf16", "fp32"):
+        raise InputError(f"--precision must be bf16 or fp32, not {precision!r}")
+    summary = stage.run(
+        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision), ViewRecipe(img_size=img_size, seed=seed),
+        views=views, k=topk, split=split, batch_size=batch_size, workers=workers, device=device,
+    )
+    typer.echo(
+        f"rank {summary['rank']}: wrote {summary['views_written']} views in {summary['units_written']} units; "
+        f"store {summary['store_bytes']} bytes"
+    )
+
+
+@app.command("verify-store")
+def verify_store(
+    shards: Annotated[str, typer.Argument(help="Shard root the store was computed from.")],
+    store: Annotated[str, typer.Argument(help="Teacher store URL.")],
+    teacher_weights: Annotated[Optional[str], typer.Option(help="The teacher weights the store was made with.")] = None,
+    units: Annotated[int, typer.Option(help="How many (shard, view) units to re-check.")] = 4,
+    views_per_unit: Annotated[int, typer.Option(help="Views re-checked in each unit.")] = 64,
+    device: Device = "cpu",
+    split: Split = "train",
+) -> None:
+    """Check that STORE belongs to SHARDS, and that views and teacher outputs still replay."""
+    from deit_pipe.stages import verify_store as stage
+
+    r = stage.run(shards, store, teacher_weights, split, units, views_per_unit, device)
+    typer.echo(f"store: {r['store_bytes']} bytes for {r['views_stored']} views ({r['bytes_per_view']:.1f} bytes/view)")
+    typer.echo(f"checked {r['views_checked']} views: digest match {r['digest_match_rate']:.4f}")
+    if r["teacher_rerun"]:
+        typer.echo(
+            f"teacher re-run: top-1 match {r['top1_match_rate']:.4f}, max logit error "
+            f"{r['max_logit_error_fp16_ulps']:.2f} fp16 ulps, top-k KL mean {r['topk_kl_mean']:.3g} "
+            f"max {r['topk_kl_max']:.3g}"
+        )
+    else:
+        typer.echo("teacher not re-run: the store was made by a random-weights teacher (weights_sha256 'none'), "
+                   "which cannot be rebuilt; digests only")
+    if r["digest_match_rate"] < 1.0:
+        raise InputError("replay drift: some views no longer match their stored digests")
 
 
 @app.command("train")
-def train() -> None:
-    """Train a DeiT student under DeepSpeed ZeRO from shards and the teacher store (not implemented yet)."""
-    raise InputError("`train` is not implemented yet")
+def train(
+    shards: Annotated[str, typer.Argument(help="Shard root with train/ (and val/ for evaluation).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Run folder: checkpoints, metrics, plot, student.")],
+    logits: Annotated[Optional[str], typer.Option(help="Teacher store (cached targets) for soft/hard distillation.")] = None,
+    model: Annotated[str, typer.Option(help="timm student: a *_distilled_* DeiT, or any model with --distillation none.")] = (
+        "deit_tiny_distilled_patch16_224"
+    ),
+    distillation: Annotated[str, typer.Option(help="none | soft | hard (DeiT's default).")] = "hard",
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
+    tau: Annotated[float, typer.Option(help="Soft distillation temperature.")] = 1.0,
+    soft_reduction: Annotated[str, typer.Option(help="sum_numel (DeiT's) or batchmean.")] = "sum_numel",
+    teacher_online: Annotated[Optional[str], typer.Option(
+        help="DeiT's original mode: run this timm teacher on every batch instead of reading a store.")] = None,
+    teacher_weights: Annotated[Optional[str], typer.Option(help="Weights of the online teacher.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs; with R repeats they use ceil(E/R)*R stored views.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Micro batch per rank.")] = 64,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Repeated augmentation count R (DeiT: 3).")] = 3,
+    img_size: Annotated[Optional[int], typer.Option(help="View size without a store (a store brings its own).")] = None,
+    patch_size: Annotated[Optional[int], typer.Option(help="ViT/DeiT patch size override (small data).")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="ViT/DeiT depth override.")] = None,
+    embed_dim: Annotated[Optional[int], typer.Option(help="ViT/DeiT width override.")] = None,
+    num_heads: Annotated[Optional[int], typer.Option(help="ViT/DeiT attention heads override.")] = None,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
+    lr: Annotated[float, typer.Option(help="Learning rate per 512 images of global batch.")] = 5e-4,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup from --warmup-lr.")] = 5.0,
+    warmup_lr: Annotated[float, typer.Option(help="Learning rate at step 0.")] = 1e-6,
+    min_lr: Annotated[float, typer.Option(help="Cosine floor.")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.05,
+    zero: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0-3.")] = 2,
+    precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
+    ds_config: Annotated[Optional[str], typer.Option(help="DeepSpeed JSON whose keys override ours.")] = None,
+    seed: Annotated[int, typer.Option(help="Order and view seed (a store brings its own view seed).")] = 0,
+    workers: Annotated[int, typer.Option(help="Loader worker processes per rank.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --output.")] = False,
+    allow_view_reuse: Annotated[bool, typer.Option(help="Reuse stored views past the end of the store.")] = False,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps in total (with a checkpoint).")] = 0,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Start this many local ranks (via torchrun); leave 0 when launched by torchrun/deepspeed/srun.")] = 0,
+) -> None:
+    """Train a DeiT student under DeepSpeed ZeRO, reading image shards and cached teacher targets side by side."""
+    if nproc_per_node:
+        from deit_pipe.pipeline.launch import relaunch_under_torchrun
+
+        relaunch_under_torchrun(nproc_per_node)
+        return
+    from deit_pipe.distributed.deepspeed_engine import EngineSpec
+    from deit_pipe.optim.schedule import LRSchedule
+    from deit_pipe.stages import train as stage
+
+    cfg = stage.TrainConfig(
+        shards=shards, output=output, store=logits,
+        student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
+        distillation=distillation, alpha=alpha, tau=tau, soft_reduction=soft_reduction,
+        teacher_online=teacher_online, teacher_weights=teacher_weights, epochs=epochs, repeats=repeats, seed=seed,
+        img_size=img_size, engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
+        schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs), weight_decay=weight_decay,
+        workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
+        max_steps=max_steps,
+    )
+    result = stage.run(cfg)
+    if result.get("final") is not None:
+        typer.echo(json.dumps(result["final"]))
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[str, typer.Argument(help="Output folder: data, shards, teacher store, runs, results, plots.")] = (
+        "demo-output"
+    ),
+    full: Annotated[bool, typer.Option(help="All 70,000 images and more epochs (hours on a CPU).")] = False,
+) -> None:
+    """The main job end to end on Fashion-MNIST: shards, a RegNet teacher, its store, four DeiT students.
+
+    Finished steps are skipped on a rerun. Prints the results table and writes results.md/.json and plots.
+    """
+    from deit_pipe.pipeline import demo as demo_job
+
+    results = demo_job.run(out, demo_job.DemoConfig.full() if full else demo_job.DemoConfig())
+    typer.echo(demo_job.results_table(results))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

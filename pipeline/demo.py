@@ -1,0 +1,169 @@
+"""`deit-pipe demo`: the whole pipeline on Fashion-MNIST, end to end, in one command.
+
+ImageFolder -> shards -> a small RegNet teacher trained by our own train stage -> the teacher store ->
+the same small DeiT student four ways (no distillation; hard and soft from the store; hard with the
+online teacher), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step runs the real CLI in a
+subprocess, exactly as a user would, and is skipped when its output already exists, so a rerun
+picks up where the last one stopped. The results table (markdown + JSON) and plots land in OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from deit_pipe.pipeline.fashion_mnist import write_image_folder
+from deit_pipe.reporting.plots import plot_curves, read_jsonl
+from deit_pipe.storage.location import exists, join
+from deit_pipe.storage.manifest import manifest_url
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    train_images: int = 6000
+    val_images: int = 2000
+    samples_per_shard: int = 250
+    img_size: int = 32
+    teacher: str = "regnetx_002"
+    teacher_epochs: int = 6
+    student_epochs: int = 9
+    repeats: int = 3
+    student: tuple = ("deit_tiny_distilled_patch16_224", "--patch-size", "4", "--depth", "4", "--embed-dim", "64",
+                      "--num-heads", "4")
+    batch_size: int = 64  # per rank
+    lr: float = 4e-3  # per 512 images; small data and few epochs want a larger rate than ImageNet's 5e-4
+    ranks: int = 2
+    workers: int = 1
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> "DemoConfig":
+        return cls(train_images=60000, val_images=10000, samples_per_shard=1000, teacher_epochs=20,
+                   student_epochs=30)
+
+
+STUDENT_RUNS = {
+    # name: (distillation, teacher source)
+    "none": ("none", None),
+    "hard_store": ("hard", "store"),
+    "soft_store": ("soft", "store"),
+    "hard_online": ("hard", "online"),
+}
+
+
+def _cli(*args: str, ranks: int = 1) -> None:
+    """Run one deit-pipe command as a user would; ranks > 1 starts them through --nproc-per-node."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args]
+    if ranks > 1:
+        cmd += ["--nproc-per-node", str(ranks)]
+    print("$ deit-pipe " + " ".join(args[:2]) + " ...", flush=True)
+    subprocess.run(cmd, env=env, check=True)
+
+
+def _timed(path: str, step) -> float:
+    """Run `step` unless its marker file exists; the wall time is kept beside it for the table."""
+    timing = path + ".wall_s"
+    if not exists(path):
+        t0 = time.time()
+        step()
+        with open(timing, "w") as f:
+            f.write(str(time.time() - t0))
+    with open(timing) as f:
+        return float(f.read())
+
+
+def run(out: str, cfg: DemoConfig) -> dict:
+    os.makedirs(out, exist_ok=True)
+    images, shards, store = join(out, "fashion-mnist"), join(out, "shards"), join(out, "teacher-store")
+    runs = join(out, "runs")
+    views = -(-cfg.student_epochs // cfg.repeats) * cfg.repeats
+    common = ["--img-size", str(cfg.img_size), "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
+              "--zero", "2", "--seed", str(cfg.seed), "--lr", str(cfg.lr)]
+
+    write_image_folder(images, limit=cfg.train_images, val_limit=cfg.val_images)
+    _timed(manifest_url(shards, "val"), lambda: _cli(
+        "shard", images, shards, "--samples-per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)))
+
+    teacher_dir = join(runs, "teacher")
+    teacher_weights = join(teacher_dir, "student.safetensors")
+    _timed(join(teacher_dir, "results.json"), lambda: _cli(
+        "train", shards, "-o", teacher_dir, "--model", cfg.teacher, "--distillation", "none",
+        # fp32: the RegNet's batch norm does not run in DeepSpeed's bf16 mode on CPU.
+        "--epochs", str(cfg.teacher_epochs), "--repeats", "1", "--warmup-epochs", "1", "--precision", "fp32",
+        *common, ranks=cfg.ranks))
+
+    store_done = join(out, "teacher-store.done")
+    _timed(store_done, lambda: (_cli(
+        "teacher-logits", shards, store, "--teacher", cfg.teacher, "--teacher-weights", teacher_weights,
+        "--views", str(views), "--img-size", str(cfg.img_size), "--batch-size", "256", "--workers", "1",
+        "--precision", "fp32", "--seed", str(cfg.seed)), open(store_done, "w").close()))
+
+    for name, (distillation, source) in STUDENT_RUNS.items():
+        run_dir = join(runs, name)
+        teacher_args = {"store": ["--logits", store],
+                        "online": ["--teacher-online", cfg.teacher, "--teacher-weights", teacher_weights],
+                        None: []}[source]
+        _timed(join(run_dir, "results.json"), lambda: _cli(
+            "train", shards, "-o", run_dir, "--model", cfg.student[0], *cfg.student[1:], "--distillation",
+            distillation, *teacher_args, "--epochs", str(cfg.student_epochs), "--repeats", str(cfg.repeats),
+            "--warmup-epochs", "1", "--precision", "bf16", *common, ranks=cfg.ranks))
+
+    return write_results(out, cfg, store)
+
+
+def write_results(out: str, cfg: DemoConfig, store: str) -> dict:
+    from deit_pipe.storage.teacher_store import TeacherStore
+
+    runs = join(out, "runs")
+
+    def summary(name: str) -> dict:
+        run_dir = join(runs, name)
+        with open(join(run_dir, "results.json")) as f:
+            res = json.load(f)
+        with open(join(run_dir, "results.json") + ".wall_s") as f:
+            wall = float(f.read())
+        return {**res["final"], "wall_s": wall, "images_per_s": res["images_per_s"]}
+
+    teacher_store = TeacherStore.open(store, "train")
+    store_bytes = teacher_store.nbytes_stored()
+    views_stored = teacher_store.num_views * int(teacher_store.attrs["num_samples"])
+    results = {
+        "config": asdict(cfg),
+        "teacher": summary("teacher"),
+        "students": {name: summary(name) for name in STUDENT_RUNS},
+        "store": {"bytes": store_bytes, "views": views_stored, "bytes_per_view": store_bytes / views_stored},
+    }
+    with open(join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = results_table(results)
+    with open(join(out, "results.md"), "w") as f:
+        f.write(table)
+    plot_curves(
+        {name: [(r["epoch"], r["avg_top1"]) for r in read_jsonl(join(runs, name, "metrics.jsonl"))] for name in STUDENT_RUNS},
+        join(out, "students_top1.png"), "val top-1 (%), averaged heads", "DeiT student on Fashion-MNIST",
+    )
+    return results
+
+
+def results_table(results: dict) -> str:
+    def pct(row, key):
+        return f"{row[key]:.2f}" if key in row else "-"
+
+    lines = [
+        "| run | top-1 (avg heads) | top-1 cls head | top-1 dist head | top-5 | wall (s) | images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = {"teacher (" + results["config"]["teacher"] + ")": results["teacher"], **results["students"]}
+    for name, r in rows.items():
+        lines.append(f"| {name} | {pct(r, 'avg_top1')} | {pct(r, 'cls_top1')} | {pct(r, 'dist_top1')} | "
+                     f"{pct(r, 'avg_top5')} | {r['wall_s']:.0f} | {r['images_per_s']:.0f} |")
+    s = results["store"]
+    lines.append("")
+    lines.append(f"Teacher store: {s['bytes']} bytes for {s['views']} views = {s['bytes_per_view']:.1f} bytes/view.")
+    return "\n".join(lines) + "\n"
