@@ -21,6 +21,7 @@ from deit_pipe.models.export import MODEL_NAME_KEY, read_weights
 
 # timm modules whose constructors take img_size, patch_size, depth, embed_dim, num_heads.
 VIT_MODULES = ("vision_transformer", "deit")
+NO_WEIGHTS = "none"  # the weights digest of a randomly initialised teacher
 
 
 def is_vit(name: str) -> bool:
@@ -112,7 +113,7 @@ def create_teacher(
     `img_size` is passed to ViT/DeiT teachers and ignored by convnets, which take any size >= 32."""
     overrides = {"img_size": img_size} if is_vit(name) and img_size is not None else {}
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **overrides)
-    digest = "none"
+    digest = NO_WEIGHTS
     if weights is not None:
         state_dict, metadata, digest = read_weights(weights)
         arch = split_model_name_tag(name)[0]

@@ -66,17 +66,21 @@ def provenance(recipe: ViewRecipe) -> dict:
 
 def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: int, recipe: ViewRecipe,
                ctx: RankContext) -> TeacherStore:
-    """Rank 0 creates or checks and grows the store; the other ranks wait for its layout, then check it."""
-    if ctx.is_main:
-        if TeacherStore.exists(store_url, manifest.split):
-            store = TeacherStore.open(store_url, manifest.split)
-            store.check_binding(binding)
+    """Rank 0 creates or checks and grows the store; the other ranks wait for its layout.
+
+    Every rank checks an existing store before waiting, so a mismatch stops them all, not rank 0 alone.
+    """
+    split, recipe_dict = manifest.split, recipe.to_dict()
+    if TeacherStore.exists(store_url, split):
+        store = TeacherStore.open(store_url, split)
+        store.check_binding(binding, recipe_dict)
+        if ctx.is_main:
             store.append_views(views)
-        else:
-            store = TeacherStore.create(store_url, manifest.split, binding, views, provenance(recipe))
-    else:
-        store = TeacherStore.wait_layout(store_url, manifest.split, views)
-        store.check_binding(binding)
+    elif ctx.is_main:
+        store = TeacherStore.create(store_url, split, binding, views, provenance(recipe))
+    if not ctx.is_main:
+        store = TeacherStore.wait_layout(store_url, split, views)
+        store.check_binding(binding, recipe_dict)
     return store
 
 
@@ -95,6 +99,8 @@ def run(
     ctx = RankContext.from_env()
     manifest = ShardManifest.load(shards, split)
     num_classes = len(manifest.classes)
+    if views < 1:
+        raise InputError(f"--views must be at least 1, not {views}")
     if not 1 <= k <= num_classes:
         raise InputError(f"--topk {k} must be between 1 and the number of classes ({num_classes})")
     dev = torch.device(device)

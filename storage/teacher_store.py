@@ -7,6 +7,8 @@
         partner  (N, V)    i32  replay record: the mixing partner's idx
         lam      (N, V)    f32  replay record: the weight of the sample's own label
         digest   (N, V)    u32  digest of the view's pixels: replay drift shows without the teacher
+        _commits/layout         the layout is complete (arrays and attributes written)
+        _commits/layout-<V>     the layout holds V views (the barrier ranks wait on)
         _commits/<shard>-<v>    a unit is written only once its marker exists
 
 Chunks are (S, 1, ...): one chunk = one image shard x one view = one write unit = one writer, so two
@@ -15,6 +17,7 @@ writers never share an object, and views appended later land in new chunks (only
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,8 @@ from deit_pipe.storage.location import exists, join, put_atomic, resolve, wait_f
 from deit_pipe.storage.manifest import ShardManifest
 
 STORE_VERSION = 1
+LAYOUT_MARKER = "layout"
+_UNIT_MARKER = re.compile(r"(\d+)-(\d+)")
 # Fields that must match between a store and the run that reads or extends it, in the order checked.
 BINDING_FIELDS = ("format_version", "split", "manifest_digest", "num_samples", "samples_per_shard",
                   "recipe_hash", "teacher", "num_classes", "k")
@@ -85,17 +90,19 @@ class TeacherStore:
     @classmethod
     def open(cls, url: str, split: str) -> "TeacherStore":
         group_url = cls._group_url(url, split)
-        if not exists(join(group_url, "zarr.json")):
+        if not cls.exists(url, split):
             raise InputError(f"no teacher store for split '{split}' at {url} (run `deit-pipe teacher-logits`)")
         return cls(url, split, zarr.open_group(group_url, mode="r+"))
 
     @classmethod
     def exists(cls, url: str, split: str) -> bool:
-        return exists(join(cls._group_url(url, split), "zarr.json"))
+        """Whether a complete layout is there (a layout cut short by a crash does not count)."""
+        return exists(join(cls._group_url(url, split), "_commits", LAYOUT_MARKER))
 
     @classmethod
     def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict) -> "TeacherStore":
-        """Lay out an empty store (one process does this; the others wait for `layout_ready`)."""
+        """Lay out an empty store, wiping any half-made layout (one process does this; the others wait
+        in `wait_layout`)."""
         n, spc, k = binding["num_samples"], binding["samples_per_shard"], binding["k"]
         group = zarr.open_group(cls._group_url(url, split), mode="w")
         codec = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
@@ -107,6 +114,7 @@ class TeacherStore:
         group.attrs.update({**binding, "num_views": num_views, "provenance": provenance})
         store = cls(url, split, group)
         store._mark_layout()
+        put_atomic(store._marker(LAYOUT_MARKER), b"")
         return store
 
     # -- binding ------------------------------------------------------------------------------------
@@ -123,15 +131,26 @@ class TeacherStore:
     def k(self) -> int:
         return int(self.group.attrs["k"])
 
-    def check_binding(self, expected: dict) -> None:
-        """Refuse a store made for other shards/recipe/teacher, naming the first field that differs."""
+    def check_binding(self, expected: dict, recipe: dict | None = None) -> None:
+        """Refuse a store made for other shards/recipe/teacher, naming the first field that differs
+        (a dotted path into nested fields; for the recipe hash, the recipe setting behind it)."""
         attrs = self.attrs
+        stored_recipe = attrs.get("provenance", {}).get("recipe", {})
         for field in BINDING_FIELDS:
-            if field in expected and attrs.get(field) != expected[field]:
-                raise InputError(
-                    f"teacher store {self.url} does not match: {field} is {attrs.get(field)!r} in the store "
-                    f"but {expected[field]!r} here"
-                )
+            if field not in expected:
+                continue
+            if field == "recipe_hash" and recipe and stored_recipe and attrs.get(field) != expected[field]:
+                diff = next(_differences(stored_recipe, recipe, "recipe"), None)
+                if diff is not None:
+                    raise self._mismatch(*diff)
+            diff = next(_differences(attrs.get(field), expected[field], field), None)
+            if diff is not None:
+                raise self._mismatch(*diff)
+
+    def _mismatch(self, field: str, stored, here) -> InputError:
+        return InputError(
+            f"teacher store {self.url} does not match: {field} is {_short(stored)} in the store but {_short(here)} here"
+        )
 
     def append_views(self, num_views: int) -> None:
         """Grow the view axis: existing chunks are untouched, new views land in new chunks."""
@@ -162,7 +181,10 @@ class TeacherStore:
         return self._marker(f"{shard:06d}-{v:05d}")
 
     def is_committed(self, shard: int, v: int) -> bool:
-        return exists(self.unit_marker(shard, v))
+        marker = self.unit_marker(shard, v)
+        fs, path = resolve(marker)
+        fs.invalidate_cache(path.rsplit("/", 1)[0])  # another process may have committed it since we listed
+        return fs.exists(path)
 
     def committed_units(self) -> set[tuple[int, int]]:
         fs, path = resolve(self._marker(""))
@@ -171,7 +193,8 @@ class TeacherStore:
             names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
         except FileNotFoundError:
             return set()
-        return {tuple(int(x) for x in n.split("-")) for n in names if not n.startswith("layout")}
+        # Only finished markers count: not layout markers, not the temporary file of a killed write.
+        return {(int(m[1]), int(m[2])) for m in map(_UNIT_MARKER.fullmatch, names) if m}
 
     # -- units --------------------------------------------------------------------------------------
 
@@ -193,5 +216,23 @@ class TeacherStore:
         return ViewRecord(**{name: self.group[name][rows, v] for name in _arrays(self.k, self.group.attrs["num_classes"])})
 
     def nbytes_stored(self) -> int:
+        """Bytes of every object of this split's store: chunks, metadata and markers."""
         fs, path = resolve(self._group_url(self.url, self.split))
-        return sum(fs.du(path, total=False).values()) if hasattr(fs, "du") else 0
+        fs.invalidate_cache()
+        return int(fs.du(path, total=True))
+
+
+def _differences(stored, here, field: str):
+    """(dotted field, stored value, value here) for each leaf where two JSON-like values differ."""
+    if isinstance(stored, dict) and isinstance(here, dict):
+        for key in here:
+            yield from _differences(stored.get(key), here[key], f"{field}.{key}")
+    elif stored != here:
+        yield field, stored, here
+
+
+def _short(value) -> str:
+    """Hashes cut to 12 characters: the message stays one readable line."""
+    if isinstance(value, str) and len(value) > 16:
+        return repr(value[:12] + "...")
+    return repr(value)
