@@ -58,8 +58,10 @@ def rank_units(manifest: ShardManifest, epoch: int, repeats: int, seed: int, ran
     return [(mine[i], v) for i in order for v in views]
 
 
-def steps_per_epoch(manifest: ShardManifest, epoch: int, repeats: int, seed: int, world: int, batch: int) -> int:
-    """Every rank's step count: the smallest rank's number of full batches."""
+def steps_per_epoch(manifest: ShardManifest, epoch: int, repeats: int, seed: int, world: int, batch: int,
+                    grad_accum: int = 1) -> int:
+    """Every rank's step count: the smallest rank's number of full batches, rounded down to whole gradient
+    accumulations so that no optimizer step spans two epochs."""
     shards = epoch_shards(manifest.num_shards, epoch, repeats, seed)
     per_rank = [sum(len(manifest.shard_range(s)) for s in shards[r::world]) * repeats for r in range(world)]
-    return min(per_rank) // batch
+    return min(per_rank) // (batch * grad_accum) * grad_accum

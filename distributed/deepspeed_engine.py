@@ -24,7 +24,8 @@ class EngineSpec:
     grad_clip: float = 0.0  # DeiT trains without clipping
     user_config: str | None = None  # a DeepSpeed JSON whose keys override ours
 
-    def config(self) -> dict:
+    def config(self, load_universal: bool = False) -> dict:
+        """DeepSpeed's config; `load_universal` reads a universal checkpoint (a resume on another world size)."""
         if self.zero not in (0, 1, 2, 3):
             raise InputError(f"--zero must be 0, 1, 2 or 3, not {self.zero}")
         if self.precision not in ("bf16", "fp32"):
@@ -36,7 +37,7 @@ class EngineSpec:
             "bf16": {"enabled": self.precision == "bf16"},
             "gradient_clipping": self.grad_clip,
             "steps_per_print": 1 << 30,  # our own progress bar and metrics replace DeepSpeed's prints
-            "checkpoint": {"load_universal": False},
+            "checkpoint": {"load_universal": load_universal},
         }
         if self.user_config:
             config = _merge(config, _read_json(self.user_config))

@@ -4,7 +4,18 @@ Each rank walks its part of the epoch's view schedule (data.schedule): loader wo
 views from the image shards and join them with the teacher store's rows by (idx, v); the student's
 targets come from the replay record (labels, partner, lambda) and the stored top-k, never from a
 model, except in the explicit online-teacher mode kept for comparison. Every rank runs the same
-number of steps; checkpoints carry (epoch, step) so a killed run resumes where it stopped.
+number of steps.
+
+Checkpoints: `<output>/checkpoints/global_step<T>/` (DeepSpeed's files) with `position.json` beside them
+(epoch, steps done in it, total steps, world size, samples per step), written before DeepSpeed moves
+`latest`, so `latest` always names a checkpoint whose position is known. `--resume` continues:
+- on the same world size at exactly (epoch, step): the same batches, the same drop-path draws (seeded
+  per step) and the same lr, so a killed fp32 run ends with the parameters of an unbroken one;
+- on another world size through DeepSpeed's universal checkpoint (the latest checkpoint is converted
+  once, on rank 0). The epoch's samples consumed so far, step x old samples per step, become step
+  floor(consumed / new samples per step) of the new world's plan for that epoch (rounded down to a
+  whole gradient accumulation); the lr follows the epoch progress. The new plan deals the epoch's shards
+  to ranks differently, so the rest of that epoch is an equivalent position, not the same batches.
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
+from argparse import Namespace
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -22,9 +35,9 @@ from tqdm import tqdm
 
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.schedule import rank_units, steps_per_epoch, views_needed
-from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
+from deit_pipe.data.view_dataset import EvalDataset, StoredTargets, ViewDataset
 from deit_pipe.data.view_plan import stream_items
-from deit_pipe.data.views import ViewMaker, mixed_targets
+from deit_pipe.data.views import ViewBatch, ViewMaker, mixed_targets
 from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.distributed.deepspeed_engine import EngineSpec
@@ -37,10 +50,9 @@ from deit_pipe.models.registry import (
 )
 from deit_pipe.optim.schedule import LRSchedule, adamw, set_lr
 from deit_pipe.reporting.plots import plot_training, read_jsonl
-from deit_pipe.storage.location import exists, join
-from deit_pipe.storage.manifest import ShardManifest, manifest_url
-from deit_pipe.storage.teacher_store import TeacherStore
 from deit_pipe.stages.verify_store import open_bound_store
+from deit_pipe.storage.location import exists, is_local
+from deit_pipe.storage.manifest import ShardManifest, manifest_url
 
 
 @dataclass(frozen=True)
@@ -79,32 +91,99 @@ class TrainConfig:
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0 = run all epochs
 
 
+def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | None]:
+    """(view recipe, stored views or None) after refusing bad input; cheap, so a launcher runs it before
+    starting any rank and each rank runs it again."""
+    cfg.engine.config()  # refuses a bad --zero, --precision or --ds-config
+    manifest = ShardManifest.load(cfg.shards, "train")
+    if manifest.num_shards // cfg.repeats < world_size:
+        raise InputError(
+            f"{manifest.num_shards} shards with --repeats {cfg.repeats} give some epochs only "
+            f"{manifest.num_shards // cfg.repeats} shards for {world_size} ranks: shard with a smaller "
+            f"--samples-per-shard, use fewer --repeats or fewer ranks"
+        )
+    if not is_local(cfg.output):
+        raise InputError(f"--output {cfg.output} must be a local or shared-filesystem path (DeepSpeed checkpoints)")
+    accum = cfg.engine.grad_accum
+    for flag, steps in (("--checkpoint-every", cfg.checkpoint_every), ("--max-steps", cfg.max_steps)):
+        if steps % accum:
+            raise InputError(f"{flag} {steps} must be a multiple of --grad-accum {accum} (whole optimizer steps)")
+    if cfg.teacher_online and cfg.distillation == "none":
+        raise InputError("--teacher-online needs --distillation soft or hard")
+    if cfg.tau != 1.0 and cfg.distillation == "hard":
+        raise InputError("--tau only applies to soft distillation")
+    if cfg.distillation == "none" or cfg.teacher_online:
+        if cfg.store:
+            raise InputError("--logits is for cached distillation; drop it with --distillation none or --teacher-online")
+        return ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed), None
+    if not cfg.store:
+        raise InputError(f"--distillation {cfg.distillation} needs --logits STORE (or --teacher-online NAME)")
+    _, store, recipe = open_bound_store(cfg.shards, cfg.store, "train")
+    if cfg.img_size is not None and cfg.img_size != recipe.img_size:
+        raise InputError(f"--img-size {cfg.img_size} conflicts with the store's recipe (img_size {recipe.img_size})")
+    needed = views_needed(cfg.epochs, cfg.repeats)
+    if needed > store.num_views and not cfg.allow_view_reuse:
+        raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
+                         f"{store.num_views} (run `deit-pipe teacher-logits --views {needed}` or pass --allow-view-reuse)")
+    return recipe, store.num_views
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a checkpoint stands in the schedule; `step` counts the steps done in `epoch`."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    world_size: int
+    samples_per_step: int  # micro batch x ranks when it was written
+
+    @staticmethod
+    def latest(ckpt_dir: str) -> tuple[str, Position] | None:
+        """(tag, position) of the checkpoint DeepSpeed's `latest` names, or None without one."""
+        latest = os.path.join(ckpt_dir, "latest")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+        with open(os.path.join(ckpt_dir, tag, "position.json")) as f:
+            return tag, Position(**json.load(f))
+
+
 class StudentRun:
     """One training run: the pieces the loop needs, built once from the config."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.ctx = RankContext.from_env()
+        self.recipe, self.store_views = check_config(cfg, self.ctx.world_size)
         self.device = deepspeed_engine.select_accelerator()
         deepspeed_engine.init_distributed(self.device)
         self.manifest = ShardManifest.load(cfg.shards, "train")
         self.val = ShardManifest.load(cfg.shards, "val") if exists(manifest_url(cfg.shards, "val")) else None
         self.num_classes = len(self.manifest.classes)
-        self.recipe, self.store_views = self._recipe_and_store()
         self.maker = ViewMaker(self.recipe, "train")
         self.criterion = DistillationLoss(cfg.distillation, cfg.alpha, cfg.tau, cfg.soft_reduction)
         self.teacher = self._online_teacher()
+        torch.manual_seed(cfg.seed)  # the same initial student on every rank and in every run of this config
         model = self.build_student()
         self.distilled = is_distilled(model)
         if cfg.distillation != "none" or self.distilled:
             # Distilled training mode returns both heads; with loss "none" both learn from the labels.
             set_distilled_training(model, True)
-        self.global_batch = cfg.engine.micro_batch * cfg.engine.grad_accum * self.ctx.world_size
+        self.samples_per_step = cfg.engine.micro_batch * self.ctx.world_size
+        self.global_batch = self.samples_per_step * cfg.engine.grad_accum
+        self.ckpt_dir = os.path.join(cfg.output, "checkpoints")
+        self.resume_from = Position.latest(self.ckpt_dir) if cfg.resume else None
+        # A different world size reads the optimizer state through DeepSpeed's universal checkpoint, which
+        # must be chosen when the engine is built. ZeRO-0 in fp32 keeps the whole state in one file.
+        self.universal = (self.resume_from is not None and self.resume_from[1].world_size != self.ctx.world_size
+                          and (cfg.engine.zero > 0 or cfg.engine.precision != "fp32"))
         self.engine = deepspeed_engine.initialize(
-            model, adamw(model, cfg.schedule.peak(self.global_batch), cfg.weight_decay), cfg.engine.config()
+            model, adamw(model, cfg.schedule.peak(self.global_batch), cfg.weight_decay),
+            cfg.engine.config(load_universal=self.universal),
         )
         self.dtype = deepspeed_engine.input_dtype(self.engine)
-        self.ckpt_dir = join(cfg.output, "checkpoints")
 
     def build_student(self) -> torch.nn.Module:
         s = self.cfg.student
@@ -113,27 +192,10 @@ class StudentRun:
         return create_student(s.name, self.num_classes, img_size=img_size, patch_size=s.patch_size, depth=s.depth,
                               embed_dim=s.embed_dim, num_heads=s.num_heads, drop_path_rate=s.drop_path)
 
-    def _recipe_and_store(self) -> tuple[ViewRecipe, int | None]:
-        cfg = self.cfg
-        if cfg.distillation == "none" or cfg.teacher_online:
-            if cfg.store:
-                raise InputError("--logits is for cached distillation; drop it with --distillation none or --teacher-online")
-            return ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed), None
-        if not cfg.store:
-            raise InputError(f"--distillation {cfg.distillation} needs --logits STORE (or --teacher-online NAME)")
-        _, store, recipe = open_bound_store(cfg.shards, cfg.store, "train")
-        if cfg.img_size is not None and cfg.img_size != recipe.img_size:
-            raise InputError(f"--img-size {cfg.img_size} conflicts with the store's recipe (img_size {recipe.img_size})")
-        if cfg.tau != 1.0 and cfg.distillation == "hard":
-            raise InputError("--tau only applies to soft distillation")
-        return recipe, store.num_views
-
-    def _online_teacher(self):
+    def _online_teacher(self) -> torch.nn.Module | None:
         cfg = self.cfg
         if not cfg.teacher_online:
             return None
-        if cfg.distillation == "none":
-            raise InputError("--teacher-online needs --distillation soft or hard")
         model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights, img_size=self.recipe.img_size)
         return model.to(self.device).eval()
 
@@ -141,7 +203,7 @@ class StudentRun:
 
     def steps_in(self, epoch: int) -> int:
         return steps_per_epoch(self.manifest, epoch, self.cfg.repeats, self.cfg.seed, self.ctx.world_size,
-                               self.cfg.engine.micro_batch)
+                               self.cfg.engine.micro_batch, self.cfg.engine.grad_accum)
 
     def train_loader(self, epoch: int, start_step: int) -> DataLoader:
         cfg = self.cfg
@@ -153,7 +215,7 @@ class StudentRun:
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=cfg.workers,
                           prefetch_factor=4 if cfg.workers else None)
 
-    def teacher_targets(self, images: torch.Tensor, stored) -> TeacherTargets | None:
+    def teacher_targets(self, images: torch.Tensor, stored: StoredTargets | None) -> TeacherTargets | None:
         if self.cfg.distillation == "none":
             return None
         if self.teacher is not None:
@@ -167,7 +229,7 @@ class StudentRun:
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def train_step(self, batch, stored, epoch: int, step: int) -> float:
+    def train_step(self, batch: ViewBatch, stored: StoredTargets | None, epoch: int, step: int) -> float:
         cfg = self.cfg
         # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
         # resumed run draws what the unbroken run drew.
@@ -183,22 +245,35 @@ class StudentRun:
         self.engine.step()
         return loss.item()
 
+    def mean_over_ranks(self, values: list[float]) -> float:
+        total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total[0].item() / max(total[1].item(), 1.0)
+
+    def full_parameters(self):
+        """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards,
+        and the eval heads and the digest touch the module outside the engine's forward."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        return GatheredParameters(list(self.engine.module.parameters()), enabled=self.cfg.engine.zero == 3)
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """top-1/top-5 of the averaged heads and of each head, over the whole val split (all ranks)."""
         if self.val is None:
             return {}
         module = self.engine.module
-        module.eval()
         shards = self.ctx.my_units(list(range(self.val.num_shards)))
         data = EvalDataset(self.cfg.shards, self.val, shards, self.recipe.eval_transform(), self.cfg.engine.micro_batch)
         counts: dict[str, torch.Tensor] = {}
-        for images, labels in DataLoader(data, batch_size=None, num_workers=self.cfg.workers):
-            for head, logits in head_logits(module, images.to(self.device, self.dtype)).items():
-                top5 = logits.float().topk(min(5, self.num_classes), dim=1).indices.cpu()
-                hit = top5 == labels[:, None]
-                c = counts.setdefault(head, torch.zeros(3, dtype=torch.float64))
-                c += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)], dtype=torch.float64)
+        module.eval()
+        with self.full_parameters():
+            for images, labels in DataLoader(data, batch_size=None, num_workers=self.cfg.workers):
+                for head, logits in head_logits(module, images.to(self.device, self.dtype)).items():
+                    top5 = logits.float().topk(min(5, self.num_classes), dim=1).indices.cpu()
+                    hit = top5 == labels[:, None]
+                    c = counts.setdefault(head, torch.zeros(3, dtype=torch.float64))
+                    c += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)], dtype=torch.float64)
         module.train()
         result = {}
         for head in ("avg", "cls", "dist") if self.distilled else ("avg",):
@@ -211,39 +286,57 @@ class StudentRun:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def save(self, epoch: int, step: int, total_steps: int) -> None:
-        self.engine.save_checkpoint(self.ckpt_dir, tag=f"global_step{total_steps}",
-                                    client_state={"epoch": epoch, "step": step, "total_steps": total_steps,
-                                                  "world_size": self.ctx.world_size})
+        tag = f"global_step{total_steps}"
+        if self.ctx.is_main:
+            # Before DeepSpeed's files: `latest` moves last, so it never names a checkpoint without a position.
+            os.makedirs(os.path.join(self.ckpt_dir, tag), exist_ok=True)
+            position = Position(epoch, step, total_steps, self.ctx.world_size, self.samples_per_step)
+            with open(os.path.join(self.ckpt_dir, tag, "position.json"), "w") as f:
+                json.dump(asdict(position), f)
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag)
 
     def load(self) -> tuple[int, int, int]:
-        """(epoch, step within it, total steps) to continue from; (0, 0, 0) when there is no checkpoint."""
-        if not (self.cfg.resume and os.path.exists(os.path.join(self.ckpt_dir, "latest"))):
+        """(epoch, step within it, total steps) to continue from; (0, 0, 0) when not resuming."""
+        if self.resume_from is None:
             return 0, 0, 0
-        _, client = self.engine.load_checkpoint(self.ckpt_dir)
-        if client is None:
-            raise InputError(f"cannot load the checkpoint in {self.ckpt_dir}")
-        if client["world_size"] != self.ctx.world_size:
-            raise InputError(
-                f"checkpoint was written by {client['world_size']} ranks, this run has {self.ctx.world_size}"
-            )
-        epoch, step = client["epoch"], client["step"]
+        tag, pos = self.resume_from
+        if self.universal:
+            tag = self._universal_copy(tag)
+        path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
+        if path is None:
+            raise InputError(f"cannot load checkpoint {tag} in {self.ckpt_dir}")
+        epoch, step = pos.epoch, pos.step
+        if pos.samples_per_step != self.samples_per_step:
+            accum = self.cfg.engine.grad_accum
+            step = pos.step * pos.samples_per_step // self.samples_per_step // accum * accum
         if step >= self.steps_in(epoch):
             epoch, step = epoch + 1, 0
-        return epoch, step, client["total_steps"]
+        return epoch, step, pos.total_steps
+
+    def _universal_copy(self, tag: str) -> str:
+        """Convert checkpoint `tag` to DeepSpeed's universal form (rank 0, once); returns the new tag."""
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        universal_tag = f"{tag}_universal"
+        if self.ctx.is_main:
+            out = os.path.join(self.ckpt_dir, universal_tag)
+            shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
+            ds_to_universal(Namespace(input_folder=os.path.join(self.ckpt_dir, tag), output_folder=out,
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True))
+        dist.barrier()
+        return universal_tag
 
     def param_digest(self) -> str:
         """sha256 of the full fp32 parameters, the same on every rank when the ranks agree."""
-        from deepspeed.runtime.zero import GatheredParameters
-
         h = hashlib.sha256()
-        params = list(self.engine.module.parameters())
-        with GatheredParameters(params, enabled=self.cfg.engine.zero == 3):
-            for p in params:
+        with self.full_parameters():
+            for p in self.engine.module.parameters():
                 h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()
 
     def export(self, path: str) -> None:
-        """The final student as safetensors (fp32), gathered from the ZeRO partitions."""
+        """The final student as safetensors (fp32), gathered from the ZeRO partitions of the last checkpoint."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         if self.cfg.engine.zero == 0:
@@ -267,14 +360,10 @@ def run(cfg: TrainConfig) -> dict:
     r = StudentRun(cfg)
     os.makedirs(cfg.output, exist_ok=True)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
+    # Rank 0's loss at every step (its own micro batch), line-buffered so a killed run keeps it.
+    step_log = open(os.path.join(cfg.output, "steps.jsonl"), "a", buffering=1) if r.ctx.is_main else None
     epoch, start_step, total_steps = r.load()
-    needed = views_needed(cfg.epochs, cfg.repeats)
-    if r.store_views is not None and needed > r.store_views and not cfg.allow_view_reuse:
-        raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
-                         f"{r.store_views} (run `deit-pipe teacher-logits --views {needed}` or pass --allow-view-reuse)")
-    wall = time.time()
-    images_seen = 0
-    stopped = False
+    wall, images_seen, stopped = time.time(), 0, False
     while epoch < cfg.epochs and not stopped:
         steps = r.steps_in(epoch)
         bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="step", disable=not r.ctx.is_main or None)
@@ -282,31 +371,42 @@ def run(cfg: TrainConfig) -> dict:
         for step, (_, batch, stored) in enumerate(r.train_loader(epoch, start_step), start=start_step):
             losses.append(r.train_step(batch, stored, epoch, step))
             total_steps += 1
+            if r.ctx.is_main:
+                step_log.write(json.dumps({"epoch": epoch, "step": step, "total_steps": total_steps,
+                                           "loss": losses[-1]}) + "\n")
             images_seen += len(batch.idx)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{len(losses) * cfg.engine.micro_batch * r.ctx.world_size / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{len(losses) * r.samples_per_step / (time.time() - t0):.0f}")
             if cfg.max_steps and total_steps >= cfg.max_steps:
-                r.save(epoch, step + 1, total_steps)
                 stopped = True
                 break
             if cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0 and step + 1 < steps:
                 r.save(epoch, step + 1, total_steps)
         bar.close()
         if stopped:
+            r.save(epoch, step + 1, total_steps)
             break
         r.save(epoch, steps, total_steps)
-        row = {"epoch": epoch, "steps": total_steps, "train_loss": sum(losses) / max(len(losses), 1),
-               "images_per_s": len(losses) * cfg.engine.micro_batch * r.ctx.world_size / max(time.time() - t0, 1e-9),
-               **r.evaluate()}
+        # The epoch's mean over every rank's steps (a resumed epoch: over the steps after the resume).
+        row = {"epoch": epoch, "steps": total_steps, "train_loss": r.mean_over_ranks(losses),
+               "images_per_s": len(losses) * r.samples_per_step / max(time.time() - t0, 1e-9), **r.evaluate()}
         if r.ctx.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         epoch, start_step = epoch + 1, 0
+    if step_log is not None:
+        step_log.close()
 
-    rank_state = {"rank": r.ctx.rank, "total_steps": total_steps, "param_sha256": r.param_digest()}
-    os.makedirs(os.path.join(cfg.output, "ranks"), exist_ok=True)
-    with open(os.path.join(cfg.output, "ranks", f"rank{r.ctx.rank}.json"), "w") as f:
+    rank_state = {"rank": r.ctx.rank, "world_size": r.ctx.world_size, "total_steps": total_steps,
+                  "param_sha256": r.param_digest()}
+    ranks_dir = os.path.join(cfg.output, "ranks")
+    os.makedirs(ranks_dir, exist_ok=True)
+    with open(os.path.join(ranks_dir, f"rank{r.ctx.rank}.json"), "w") as f:
         json.dump(rank_state, f)
+    if r.ctx.is_main:  # a run resumed on fewer ranks: the extra ranks' files are stale
+        for name in os.listdir(ranks_dir):
+            if int(name[len("rank"):-len(".json")]) >= r.ctx.world_size:
+                os.remove(os.path.join(ranks_dir, name))
     result = {"completed": not stopped, "total_steps": total_steps, "wall_s": time.time() - wall,
               "images_per_s": images_seen / max(time.time() - wall, 1e-9)}
     if not stopped:
