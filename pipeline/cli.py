@@ -198,11 +198,6 @@ def train(
         help="Start this many local ranks (via torchrun); leave 0 when launched by torchrun/deepspeed/srun.")] = 0,
 ) -> None:
     """Train a DeiT student under DeepSpeed ZeRO, reading image shards and cached teacher targets side by side."""
-    if nproc_per_node:
-        from deit_pipe.pipeline.launch import relaunch_under_torchrun
-
-        relaunch_under_torchrun(nproc_per_node)
-        return
     from deit_pipe.distributed.deepspeed_engine import EngineSpec
     from deit_pipe.optim.schedule import LRSchedule
     from deit_pipe.stages import train as stage
@@ -217,6 +212,13 @@ def train(
         workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
         max_steps=max_steps,
     )
+    if nproc_per_node:
+        from deit_pipe.pipeline.launch import relaunch_under_torchrun
+
+        # Bad input is refused here, as one line, before any rank starts.
+        stage.check_config(cfg, nproc_per_node)
+        relaunch_under_torchrun(nproc_per_node)
+        return
     result = stage.run(cfg)
     if result.get("final") is not None:
         typer.echo(json.dumps(result["final"]))
