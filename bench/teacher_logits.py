@@ -1,0 +1,160 @@
+"""Views/s of `deit-pipe teacher-logits` next to the bare teacher forward, and the store's bytes per view.
+
+    python bench/teacher_logits.py [--teacher regnety_016] [--img-size 224] [--images 80] [--views 2]
+                                   [--batch-size 32] [--workers 1] [--threads 2]
+
+Throughput, for each setting: `stages.teacher_logits.run` in this process (shards -> views rebuilt by
+--workers loader processes -> teacher -> top-k -> Zarr store; the whole call, store layout included)
+against the same teacher's forward alone on pre-made tensors (same model, batch, device, threads, fp32),
+measured before and after the stage (the machine may be shared: both are printed, the faster one is
+used). Two settings: the real-size one (a RegNetY at 224 px, random weights: the cost is the
+architecture's, not the weights') and the demo's (regnetx_002 at 32 px, where the teacher is so cheap that
+rebuilding views dominates).
+
+Bytes per view at k=10, two stores: the Fashion-MNIST store of the real-size run (10 classes: the top-10
+is every class) and a store with ImageNet's shape (1000 classes, 1000 samples per shard) written through
+TeacherStore with teacher-like logits: a peak of 12 split between the view's two mixed classes by the
+view's real lambda (ViewMaker.mix_params), over N(0, 1.5) for the other classes; real partners, random
+32-bit digests. Goal: ratio >= 0.9, at most 48 bytes per view, replay record and digest included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.views import ViewMaker
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.loss.teacher_targets import compress_teacher_logits
+from deit_pipe.models.registry import create_teacher
+from deit_pipe.pipeline.fashion_mnist import DEFAULT_SOURCE, write_image_folder
+from deit_pipe.stages import shard as shard_stage
+from deit_pipe.stages import teacher_logits as stage
+from deit_pipe.storage.manifest import ShardManifest
+from deit_pipe.storage.shards import ShardInfo
+from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
+
+K = 10
+
+
+def raw_forward_views_per_s(teacher: str, img_size: int, batch_size: int, views: int) -> float:
+    """The teacher alone on pre-made tensors: the ceiling for the stage."""
+    model, _ = create_teacher(teacher, 10, None, img_size=img_size)
+    images = torch.randn(batch_size, 3, img_size, img_size)
+    batches = max(1, views // batch_size)
+    with torch.inference_mode():
+        model(images)  # warm-up: allocator, oneDNN kernels
+        start = time.perf_counter()
+        for _ in range(batches):
+            model(images)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def stage_views_per_s(shards: str, store: str, teacher: str, img_size: int, views: int, batch_size: int,
+                      workers: int) -> tuple[float, dict]:
+    start = time.perf_counter()
+    summary = stage.run(shards, store, stage.TeacherSpec(teacher, None, "fp32"), ViewRecipe(img_size=img_size),
+                        views=views, k=K, batch_size=batch_size, workers=workers)
+    return summary["views_written"] / (time.perf_counter() - start), summary
+
+
+def compare(label: str, shards: str, store: str, teacher: str, img_size: int, views: int, batch_size: int,
+            workers: int) -> dict:
+    n = ShardManifest.load(shards, "train").num_samples * views
+    raw_before = raw_forward_views_per_s(teacher, img_size, batch_size, n)
+    staged, summary = stage_views_per_s(shards, store, teacher, img_size, views, batch_size, workers)
+    raw_after = raw_forward_views_per_s(teacher, img_size, batch_size, n)
+    raw = max(raw_before, raw_after)
+    print(f"{label}: {teacher} at {img_size} px, {n} views, batch {batch_size}, workers {workers}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"  raw teacher forward   {raw:9.2f} views/s  (before {raw_before:.2f}, after {raw_after:.2f})")
+    print(f"  teacher-logits stage  {staged:9.2f} views/s")
+    print(f"  ratio stage/raw       {staged / raw:9.3f}")
+    return summary
+
+
+def teacher_like_store(url: str, num_classes: int = 1000, per_shard: int = 1000, shards: int = 2,
+                       views: int = 2, seed: int = 0) -> float:
+    """Bytes per view of a store with ImageNet's shape, written unit by unit through TeacherStore."""
+    n = per_shard * shards
+    manifest = ShardManifest("train", [f"class{c}" for c in range(num_classes)], n, per_shard, 0,
+                             [ShardInfo(f"train-{s:06d}.tar", per_shard, 0, "") for s in range(shards)], digest="bench")
+    recipe = ViewRecipe(seed=seed)
+    store = TeacherStore.create(url, "train", store_binding(manifest, recipe.hash(), {"name": "bench"}, num_classes, K),
+                                views, {})
+    maker = ViewMaker(recipe, "train")
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    for s in range(shards):
+        ids = list(manifest.shard_range(s))
+        for v in range(views):
+            partner = np.asarray(maker.partners(s, ids, v))
+            lam = np.array([maker.mix_params(i, v).lam for i in ids], dtype=np.float32)
+            logits = rng.normal(0.0, 1.5, (len(ids), num_classes)).astype(np.float32)
+            rows = np.arange(len(ids))
+            logits[rows, labels[ids]] += 12.0 * lam
+            logits[rows, labels[partner]] += 12.0 * (1.0 - lam)
+            top, classes, lse = compress_teacher_logits(torch.from_numpy(logits), K)
+            digest = rng.integers(0, 2**32, len(ids), dtype=np.uint64).astype(np.uint32)
+            store.write_unit(s, v, ViewRecord(top.numpy(), classes.numpy(), lse.numpy(), partner.astype(np.int32),
+                                              lam, digest))
+    return store.nbytes_stored() / (n * views)
+
+
+def array_bytes_per_view(store: TeacherStore, views: int) -> str:
+    fs = Path(store.url) / store.split
+    total = store.group["lse"].shape[0] * views
+    return ", ".join(
+        f"{name} {sum(p.stat().st_size for p in (fs / name).rglob('*') if p.is_file()) / total:.1f}"
+        for name in ("logits", "classes", "lse", "partner", "lam", "digest")
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="regnety_016", help="real-size teacher (DeiT's is regnety_160)")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=80, help="Fashion-MNIST train images for the real-size run")
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="loader worker processes (view rebuilding)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the teacher")
+    ap.add_argument("--demo-images", type=int, default=200)
+    ap.add_argument("--demo-views", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench-teacher-logits-") as tmp:
+        tmp = Path(tmp)
+        ctx = RankContext()
+        for name, images in (("real", args.images), ("demo", args.demo_images)):
+            write_image_folder(str(tmp / name / "fm"), DEFAULT_SOURCE, limit=images, val_limit=1)
+            shard_stage.run(str(tmp / name / "fm"), str(tmp / name / "shards"),
+                            shard_stage.ShardOptions(samples_per_shard=max(1, images // 2)), 1, ctx)
+
+        compare("real-size", str(tmp / "real" / "shards"), str(tmp / "real" / "store"), args.teacher,
+                args.img_size, args.views, args.batch_size, args.workers)
+        compare("demo", str(tmp / "demo" / "shards"), str(tmp / "demo" / "store"), "regnetx_002", 32,
+                args.demo_views, args.batch_size, args.workers)
+
+        print(f"bytes per view at k={K} (store total incl. metadata and markers; per array in brackets):")
+        for name, views in (("real", args.views), ("demo", args.demo_views)):
+            store = TeacherStore.open(str(tmp / name / "store"), "train")
+            manifest = ShardManifest.load(str(tmp / name / "shards"), "train")
+            per_view = store.nbytes_stored() / (manifest.num_samples * views)
+            print(f"  Fashion-MNIST {name} store, 10 classes, {manifest.samples_per_shard} samples/shard: "
+                  f"{per_view:.1f}  [{array_bytes_per_view(store, views)}]")
+        imagenet_like = str(tmp / "imagenet-like")
+        per_view = teacher_like_store(imagenet_like)
+        print(f"  ImageNet-shaped store, 1000 classes, 1000 samples/shard: {per_view:.1f}  "
+              f"[{array_bytes_per_view(TeacherStore.open(imagenet_like, 'train'), 2)}]")
+
+
+if __name__ == "__main__":
+    main()
