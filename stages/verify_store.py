@@ -53,13 +53,12 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
 
     teacher = store.attrs["teacher"]
     rerun = teacher["weights_sha256"] != NO_WEIGHTS
-    model = None
+    dev = torch.device(device)
     if rerun or teacher_weights is not None:
+        # Past this check the weights are the store's: a model exists exactly when the teacher is re-run.
         model, sha = create_teacher(teacher["name"], len(manifest.classes), teacher_weights, img_size=recipe.img_size)
         store.check_binding({"teacher": {"weights_sha256": sha}})
-    dev = torch.device(device)
-    if rerun:
-        model.to(dev).eval()
+        model.to(dev)
 
     rng = np.random.default_rng(0)
     chosen = [committed[i] for i in sorted(rng.choice(len(committed), min(units, len(committed)), replace=False))]
