@@ -1,0 +1,277 @@
+"""`deit-pipe train`: 2 ranks under ZeRO on CPU (gloo), cached targets equal to the online teacher's,
+kill/resume to the same parameters, resume on another world size, ZeRO-3, one-line refusals.
+
+Shared setup (module scope): 200 Fashion-MNIST images in 25-sample shards, a seeded random RegNet teacher
+and its store with 6 views (k = 10 = all classes). Students are a tiny DeiT at 32 px.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.schedule import rank_units, steps_per_epoch
+from deit_pipe.data.view_dataset import ViewDataset
+from deit_pipe.data.view_plan import stream_items
+from deit_pipe.data.views import ViewMaker
+from deit_pipe.loss.teacher_targets import TeacherTargets
+from deit_pipe.models.export import export_safetensors
+from deit_pipe.models.registry import create_student, create_teacher
+from deit_pipe.pipeline.cli import main
+from deit_pipe.storage.manifest import ShardManifest
+
+VIEWS = 6
+TINY_DEIT = ["--model", "deit_tiny_distilled_patch16_224", "--patch-size", "4", "--depth", "2",
+             "--embed-dim", "48", "--num-heads", "3"]
+# A learnable setting: lr 0.05 per 512 images is 1.6e-3 at the global batch of 16.
+STUDENT = [*TINY_DEIT, "--repeats", "3", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0",
+           "--lr", "0.05"]
+REFERENCE = [*STUDENT, "--epochs", "3", "--zero", "2", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_folder, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("train")
+    shards, other_shards, store = root / "shards", root / "shards-seed1", root / "store"
+    main(["shard", str(fmnist_folder), str(shards), "--samples-per-shard", "25", "--workers", "1"])
+    main(["shard", str(fmnist_folder), str(other_shards), "--samples-per-shard", "25", "--workers", "1", "--seed", "1"])
+    torch.manual_seed(0)
+    teacher, _ = create_teacher("regnetx_002", 10, None)
+    weights = root / "teacher.safetensors"
+    export_safetensors(teacher, str(weights))
+    main(["teacher-logits", str(shards), str(store), "--teacher", "regnetx_002", "--teacher-weights", str(weights),
+          "--views", str(VIEWS), "--img-size", "32", "--batch-size", "32", "--workers", "0", "--precision", "fp32"])
+    return {"root": str(root), "shards": str(shards), "other_shards": str(other_shards), "store": str(store),
+            "weights": str(weights)}
+
+
+def deit_pipe(*args: str, nproc: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args] + (["--nproc-per-node", str(nproc)] if nproc > 1 else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **popen)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train(data: dict, out: Path, *extra: str, nproc: int = 2, shards: str | None = None, store: str | None = None):
+    return deit_pipe("train", shards or data["shards"], "-o", str(out), "--logits", store or data["store"],
+                     *extra, nproc=nproc)
+
+
+def rank_states(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_digest(out: Path) -> str:
+    """sha256 of student.safetensors' tensors in parameter order: the digest the ranks report."""
+    tensors = safetensors.torch.load_file(str(out / "student.safetensors"))
+    model = create_student("deit_tiny_distilled_patch16_224", 10, img_size=32, patch_size=4, depth=2, embed_dim=48,
+                           num_heads=3)
+    h = hashlib.sha256()
+    for name, _ in model.named_parameters():
+        h.update(tensors[name].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def assert_ranks_agree(out: Path, world: int) -> None:
+    states = rank_states(out)
+    assert [s["rank"] for s in states] == list(range(world))
+    assert len({s["param_sha256"] for s in states}) == 1, "parameters differ between ranks"
+    assert len({s["total_steps"] for s in states}) == 1, "ranks took different numbers of steps"
+
+
+@pytest.fixture(scope="module")
+def reference(data) -> Path:
+    """An unbroken fp32 ZeRO-2 run on 2 ranks: the one a killed and resumed run must end equal to."""
+    out = Path(data["root"]) / "reference"
+    train(data, out, *REFERENCE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(data) -> Path:
+    """The reference run stopped by --max-steps 13, mid epoch 1 (tests resume copies of it)."""
+    out = Path(data["root"]) / "stopped"
+    train(data, out, *REFERENCE, "--max-steps", "13")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- fast
+
+
+def test_cached_targets_equal_the_online_teacher_on_the_same_views(data):
+    """The loader's stored targets vs the teacher run on the very batch the loader yields."""
+    manifest = ShardManifest.load(data["shards"], "train")
+    maker = ViewMaker(ViewRecipe(img_size=32), "train")
+    steps = steps_per_epoch(manifest, 3, 3, 0, 1, 16)
+    plan = stream_items(maker, manifest, rank_units(manifest, 3, 3, 0, 0, 1, VIEWS), 16, steps)
+    teacher, _ = create_teacher("regnetx_002", 10, data["weights"])
+    dataset = ViewDataset(data["shards"], maker, plan, data["store"])
+    for i in (0, len(dataset) - 1):  # a batch spanning views 3.. of epoch 3 (second group)
+        pieces, batch, stored = dataset[i]
+        assert {p.v for p in pieces} <= {3, 4, 5}
+        with torch.inference_mode():
+            logits = teacher(batch.images)
+        online = TeacherTargets.from_logits(logits, tau=1.0)
+        cached = TeacherTargets.from_topk(stored.logits.float(), stored.classes, stored.lse, 10, tau=1.0)
+        assert torch.equal(cached.top1, online.top1)
+        # k = all classes: the cached distribution is the teacher's up to fp16 rounding of the logits.
+        fp16_step = logits.abs().max().item() * 2.0**-10
+        assert torch.allclose(cached.log_probs, online.log_probs, atol=2 * fp16_step + 1e-6)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("deit-pipe: error: ")
+    return err
+
+
+@pytest.mark.parametrize("nproc", ["0", "2"])
+def test_store_of_other_shards_is_refused(data, tmp_path, capsys, nproc):
+    err = one_line_error(capsys, ["train", data["other_shards"], "-o", str(tmp_path), "--logits", data["store"],
+                                  *REFERENCE, "--nproc-per-node", nproc])
+    assert "manifest_digest" in err
+
+
+def test_conflicting_img_size_is_refused(data, tmp_path, capsys):
+    err = one_line_error(capsys, ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"],
+                                  *REFERENCE, "--img-size", "64"])
+    assert "--img-size 64 conflicts" in err
+
+
+def test_epochs_past_the_stored_views_are_refused(data, tmp_path, capsys):
+    argv = ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *STUDENT, "--epochs", "7"]
+    err = one_line_error(capsys, argv)
+    assert "need 9 views; the store has 6" in err and "--allow-view-reuse" in err
+
+
+@pytest.mark.slow
+def test_refusal_under_the_launcher_is_one_line(data, tmp_path):
+    proc = deit_pipe("train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *STUDENT,
+                     "--epochs", "7", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "deit-pipe: error: 7 epochs with --repeats 3 need 9 views; the store has 6 (run `deit-pipe teacher-logits "
+        "--views 9` or pass --allow-view-reuse)"
+    ]
+
+
+# ---------------------------------------------------------------------------------------- 2 ranks
+
+
+@pytest.mark.slow
+def test_zero2_two_ranks_learn_and_agree(reference):
+    rows = metrics(reference)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.05, rows
+    steps = [json.loads(line) for line in (reference / "steps.jsonl").read_text().splitlines()]
+    assert [s["total_steps"] for s in steps] == list(range(1, rows[-1]["steps"] + 1))
+    assert_ranks_agree(reference, 2)
+    assert rank_states(reference)[0]["total_steps"] == rows[-1]["steps"]
+    assert exported_digest(reference) == rank_states(reference)[0]["param_sha256"]
+    assert (reference / "training.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_zero2_bf16_on_s3(data, s3_bucket, tmp_path):
+    fs = fsspec.filesystem("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+    fs.put(data["shards"], f"{bucket}/shards", recursive=True)
+    fs.put(data["store"], f"{bucket}/store", recursive=True)
+    out = tmp_path / "s3-run"
+    train(data, out, *STUDENT, "--epochs", "3", "--zero", "2", "--precision", "bf16",
+          shards=f"{s3_bucket}/shards", store=f"{s3_bucket}/store")
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert_ranks_agree(out, 2)
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_ends_equal_to_unbroken(data, reference, stopped, tmp_path):
+    out = Path(shutil.copytree(stopped, tmp_path / "resumed"))
+    assert not (out / "student.safetensors").exists()
+    assert {s["total_steps"] for s in rank_states(out)} == {13}
+    train(data, out, *REFERENCE, "--resume")
+    assert_ranks_agree(out, 2)
+    assert rank_states(out) == rank_states(reference)
+    assert exported_digest(out) == exported_digest(reference)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_unbroken_parameters(data, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", "train", data["shards"], "-o", str(out),
+           "--logits", data["store"], *REFERENCE, "--checkpoint-every", "2", "--nproc-per-node", "2"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and int(latest.read_text().strip().removeprefix("global_step") or 0) >= 12:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid epoch 1
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "student.safetensors").exists()
+    train(data, out, *REFERENCE, "--checkpoint-every", "2", "--resume")
+    assert rank_states(out) == rank_states(reference)
+    assert exported_digest(out) == exported_digest(reference)
+
+
+@pytest.mark.slow
+def test_resume_on_one_rank_from_a_two_rank_checkpoint(data, stopped, tmp_path):
+    """2 ranks stop mid epoch 1; 1 rank continues through DeepSpeed's universal checkpoint to the end."""
+    out = Path(shutil.copytree(stopped, tmp_path / "rescaled"))
+    train(data, out, *REFERENCE, "--resume", nproc=1)
+    assert (out / "checkpoints" / "global_step13_universal").is_dir()
+    assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
+    (state,) = rank_states(out)
+    assert state["world_size"] == 1
+    # Epoch 1: 4 steps of 16 samples before, so 64 / 8 = step 8 of the 1-rank plan; the 1-rank plan then
+    # runs the rest of epoch 1 and all of epoch 2.
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    resumed = steps[13]
+    assert (resumed["epoch"], resumed["step"]) == (1, 8)
+    assert steps[-1]["epoch"] == 2 and state["total_steps"] == steps[-1]["total_steps"]
+    assert json.loads((out / "results.json").read_text())["completed"]
+    assert exported_digest(out) == state["param_sha256"]
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_with_online_teacher_eval_digest_and_export(data, tmp_path):
+    """ZeRO-3 serves everything here: the online teacher, eval of each head, the digest and the export.
+    Parameter persistence is off so every parameter really is partitioned (tiny models stay whole otherwise)."""
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    out = tmp_path / "zero3"
+    deit_pipe("train", data["shards"], "-o", str(out), "--teacher-online", "regnetx_002", "--teacher-weights",
+              data["weights"], "--img-size", "32", *STUDENT, "--epochs", "2", "--zero", "3", "--precision", "fp32",
+              "--ds-config", str(ds_config))
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert {"avg_top1", "cls_top1", "dist_top1"} <= set(rows[-1])
+    assert_ranks_agree(out, 2)
+    assert exported_digest(out) == rank_states(out)[0]["param_sha256"]
+    assert np.isfinite(rows[-1]["train_loss"])
