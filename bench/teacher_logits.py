@@ -1,13 +1,13 @@
 """Views/s of `deit-pipe teacher-logits` next to the bare teacher forward, and the store's bytes per view.
 
     python bench/teacher_logits.py [--teacher regnety_016] [--img-size 224] [--images 80] [--views 2]
-                                   [--batch-size 32] [--workers 1] [--threads 2]
+                                   [--batch-size 32] [--workers 1] [--threads 2] [--repeats 2]
 
 Throughput, for each setting: `stages.teacher_logits.run` in this process (shards -> views rebuilt by
 --workers loader processes -> teacher -> top-k -> Zarr store; the whole call, store layout included)
 against the same teacher's forward alone on pre-made tensors (same model, batch, device, threads, fp32),
-measured before and after the stage (the machine may be shared: both are printed, the faster one is
-used). Two settings: the real-size one (a RegNetY at 224 px, random weights: the cost is the
+run alternately --repeats times each (the machine may be shared: every run is printed, the best of each
+counts). Two settings: the real-size one (a RegNetY at 224 px, random weights: the cost is the
 architecture's, not the weights') and the demo's (regnetx_002 at 32 px, where the teacher is so cheap that
 rebuilding views dominates).
 
@@ -57,26 +57,26 @@ def raw_forward_views_per_s(teacher: str, img_size: int, batch_size: int, views:
 
 
 def stage_views_per_s(shards: str, store: str, teacher: str, img_size: int, views: int, batch_size: int,
-                      workers: int) -> tuple[float, dict]:
+                      workers: int) -> float:
     start = time.perf_counter()
     summary = stage.run(shards, store, stage.TeacherSpec(teacher, None, "fp32"), ViewRecipe(img_size=img_size),
                         views=views, k=K, batch_size=batch_size, workers=workers)
-    return summary["views_written"] / (time.perf_counter() - start), summary
+    return summary["views_written"] / (time.perf_counter() - start)
 
 
 def compare(label: str, shards: str, store: str, teacher: str, img_size: int, views: int, batch_size: int,
-            workers: int) -> dict:
+            workers: int, repeats: int) -> None:
+    """Raw forward and stage alternately, `repeats` times each (a fresh store each time): best of each."""
     n = ShardManifest.load(shards, "train").num_samples * views
-    raw_before = raw_forward_views_per_s(teacher, img_size, batch_size, n)
-    staged, summary = stage_views_per_s(shards, store, teacher, img_size, views, batch_size, workers)
-    raw_after = raw_forward_views_per_s(teacher, img_size, batch_size, n)
-    raw = max(raw_before, raw_after)
+    raw, staged = [], []
+    for r in range(repeats):
+        raw.append(raw_forward_views_per_s(teacher, img_size, batch_size, n))
+        staged.append(stage_views_per_s(shards, f"{store}-{r}", teacher, img_size, views, batch_size, workers))
     print(f"{label}: {teacher} at {img_size} px, {n} views, batch {batch_size}, workers {workers}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"  raw teacher forward   {raw:9.2f} views/s  (before {raw_before:.2f}, after {raw_after:.2f})")
-    print(f"  teacher-logits stage  {staged:9.2f} views/s")
-    print(f"  ratio stage/raw       {staged / raw:9.3f}")
-    return summary
+          f"threads {torch.get_num_threads()}, best of {repeats}")
+    print(f"  raw teacher forward   {max(raw):9.2f} views/s  (runs: {', '.join(f'{x:.2f}' for x in raw)})")
+    print(f"  teacher-logits stage  {max(staged):9.2f} views/s  (runs: {', '.join(f'{x:.2f}' for x in staged)})")
+    print(f"  ratio stage/raw       {max(staged) / max(raw):9.3f}")
 
 
 def teacher_like_store(url: str, num_classes: int = 1000, per_shard: int = 1000, shards: int = 2,
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the teacher")
     ap.add_argument("--demo-images", type=int, default=200)
     ap.add_argument("--demo-views", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2, help="alternate runs of each; the best counts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -139,13 +140,13 @@ def main() -> None:
                             shard_stage.ShardOptions(samples_per_shard=max(1, images // 2)), 1, ctx)
 
         compare("real-size", str(tmp / "real" / "shards"), str(tmp / "real" / "store"), args.teacher,
-                args.img_size, args.views, args.batch_size, args.workers)
+                args.img_size, args.views, args.batch_size, args.workers, args.repeats)
         compare("demo", str(tmp / "demo" / "shards"), str(tmp / "demo" / "store"), "regnetx_002", 32,
-                args.demo_views, args.batch_size, args.workers)
+                args.demo_views, args.batch_size, args.workers, args.repeats)
 
         print(f"bytes per view at k={K} (store total incl. metadata and markers; per array in brackets):")
         for name, views in (("real", args.views), ("demo", args.demo_views)):
-            store = TeacherStore.open(str(tmp / name / "store"), "train")
+            store = TeacherStore.open(str(tmp / name / "store-0"), "train")
             manifest = ShardManifest.load(str(tmp / name / "shards"), "train")
             per_view = store.nbytes_stored() / (manifest.num_samples * views)
             print(f"  Fashion-MNIST {name} store, 10 classes, {manifest.samples_per_shard} samples/shard: "
