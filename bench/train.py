@@ -1,0 +1,136 @@
+"""Student images/s with cached teacher targets, without distillation, and with the online teacher.
+
+    python bench/train.py                      # CPU: DeiT-Ti (patch 4) at 32 px, a RegNetX-200MF teacher
+    python bench/train.py --model deit_small_distilled_patch16_224 --img-size 224 --patch-size 0 \\
+        --precision bf16 --zero 2 --teacher regnety_160 --batch-size 64    # GPU
+
+One process, one rank: the same student, loader, views and threads in all three modes; only the teacher
+targets differ (read from the store / none / the teacher run on every batch). The modes are measured in
+turns (cached, none, online, cached, ...) for --rounds rounds, each turn timing --steps training steps
+after --warmup steps, and each mode's median is reported with the ratios to `none`. The teacher has
+seeded random weights: speed does not depend on what it learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+DEIT_PIPE = [sys.executable, "-m", "deit_pipe.pipeline.cli"]
+MODES = ("cached", "none", "online")
+
+
+def prepare(tmp: Path, args) -> tuple[str, str, str]:
+    """(shards, store, teacher weights) for --limit Fashion-MNIST images."""
+    from deit_pipe.models.export import export_safetensors
+    from deit_pipe.models.registry import create_teacher
+
+    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run([*DEIT_PIPE, "fashion-mnist", str(tmp / "fm"), "--limit", str(args.limit), "--val-limit", "10"], **quiet)
+    subprocess.run([*DEIT_PIPE, "shard", str(tmp / "fm"), str(tmp / "shards"), "--samples-per-shard", "250"], **quiet)
+    torch.manual_seed(0)
+    teacher, _ = create_teacher(args.teacher, 10, None, img_size=args.img_size)
+    weights = str(tmp / "teacher.safetensors")
+    export_safetensors(teacher, weights)
+    subprocess.run([*DEIT_PIPE, "teacher-logits", str(tmp / "shards"), str(tmp / "store"), "--teacher", args.teacher,
+                    "--teacher-weights", weights, "--views", str(args.repeats), "--img-size", str(args.img_size),
+                    "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
+                    "--precision", args.precision], **quiet)
+    return str(tmp / "shards"), str(tmp / "store"), weights
+
+
+def batches(run):
+    """Training batches of epoch 0, 1, ... for as long as asked."""
+    epoch = 0
+    while True:
+        for step, (_, batch, stored) in enumerate(run.train_loader(epoch, 0)):
+            yield epoch, step, batch, stored
+        epoch += 1
+
+
+def images_per_s(run, warmup: int, steps: int) -> float:
+    it = batches(run)
+    for _ in range(warmup):
+        run.train_step(*_reorder(next(it)))
+    _sync(run.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run.train_step(*_reorder(next(it)))
+    _sync(run.device)
+    return steps * run.cfg.engine.micro_batch / (time.perf_counter() - start)
+
+
+def _reorder(item):
+    epoch, step, batch, stored = item
+    return batch, stored, epoch, step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="deit_tiny_distilled_patch16_224")
+    ap.add_argument("--patch-size", type=int, default=4, help="ViT patch size override (0: the model's own)")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--teacher", default="regnetx_002", help="a RegNet: DeiT's is regnety_160")
+    ap.add_argument("--limit", type=int, default=1500, help="train images")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--zero", type=int, default=0)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the store's teacher")
+    args = ap.parse_args()
+
+    from deit_pipe.distributed.deepspeed_engine import EngineSpec
+    from deit_pipe.stages.train import StudentRun, StudentSpec, TrainConfig
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        shards, store, weights = prepare(tmp, args)
+        base = TrainConfig(
+            shards=shards, output=str(tmp / "run"), student=StudentSpec(args.model, patch_size=args.patch_size or None),
+            epochs=args.repeats, repeats=args.repeats, workers=args.workers,
+            engine=EngineSpec(args.zero, args.precision, args.batch_size),
+        )
+        configs = {
+            "cached": replace(base, distillation="hard", store=store),
+            "none": replace(base, distillation="none", img_size=args.img_size),
+            "online": replace(base, distillation="hard", teacher_online=args.teacher, teacher_weights=weights,
+                              img_size=args.img_size),
+        }
+        runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
+        speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(args.rounds):
+            for mode in MODES:
+                speeds[mode].append(images_per_s(runs[mode], args.warmup, args.steps))
+
+    median = {mode: statistics.median(s) for mode, s in speeds.items()}
+    print(f"student {args.model} (patch {args.patch_size or 'default'}) at {args.img_size} px, teacher {args.teacher}, "
+          f"batch {args.batch_size}, ZeRO-{args.zero} {args.precision}, workers {args.workers}, "
+          f"{torch.get_num_threads()} threads, device {runs['none'].device}")
+    print(f"{args.steps} steps after {args.warmup} warmup, {args.rounds} rounds in turns; median images/s")
+    print(f"{'mode':10}{'images/s':>10}{'vs none':>10}   per round")
+    for mode in MODES:
+        rounds = " ".join(f"{s:.0f}" for s in speeds[mode])
+        print(f"{mode:10}{median[mode]:10.1f}{median[mode] / median['none']:10.3f}   {rounds}")
+    print(f"ratio cached/none: {median['cached'] / median['none']:.3f} (goal >= 0.97); "
+          f"online/none: {median['online'] / median['none']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
