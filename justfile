@@ -22,7 +22,7 @@ fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0":
 
 # Benchmarks of the stages (ratios measured side by side in one run).
 bench:
-    python bench/shard.py
+    python bench/all.py
 
 # The main job: Fashion-MNIST -> shards -> RegNet teacher -> teacher store -> four DeiT students (results + plots).
 demo out="demo-output" *args:

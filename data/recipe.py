@@ -70,6 +70,20 @@ class ViewRecipe:
             raise InputError(f"unknown view recipe fields: {sorted(unknown)}")
         return cls(**d)
 
+    def with_overrides(self, overrides: dict) -> "ViewRecipe":
+        """This recipe with some fields replaced (unknown fields refused)."""
+        return ViewRecipe.from_dict({**self.to_dict(), **overrides})
+
+    def refuse_conflicts(self, overrides: dict, flag: str, owner: str) -> None:
+        """Refuse `overrides` that would change this recipe, naming the first field that differs."""
+        wanted = self.with_overrides(overrides)
+        for f in fields(self):
+            if getattr(wanted, f.name) != getattr(self, f.name):
+                raise InputError(
+                    f"{flag} conflicts with {owner}: {f.name} is {getattr(self, f.name)!r} there but "
+                    f"{getattr(wanted, f.name)!r} here"
+                )
+
     def hash(self) -> str:
         """sha256 of the canonical JSON (sorted keys, no spaces): equal settings give equal hashes."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

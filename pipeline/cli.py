@@ -85,6 +85,31 @@ def shard(
 
 
 Split = Annotated[str, typer.Option(help="Which split's shards (train, val, ...).")]
+RecipeJSON = Annotated[Optional[str], typer.Option(
+    "--recipe",
+    help='View recipe fields to change from DeiT\'s defaults, as JSON or a path to a JSON file, e.g. '
+    '\'{"auto_augment": null, "reprob": 0}\'. Fields: img_size mean std interpolation scale ratio hflip '
+    'auto_augment color_jitter reprob remode recount mixup_alpha cutmix_alpha mix_prob switch_prob smoothing seed.')]
+
+
+def recipe_overrides(text: Optional[str]) -> dict:
+    """`--recipe`: inline JSON or the path of a JSON file, an object of ViewRecipe fields."""
+    if not text:
+        return {}
+    source = text
+    if not text.lstrip().startswith("{"):
+        try:
+            with open(text) as f:
+                source = f.read()
+        except OSError as exc:
+            raise InputError(f"--recipe {text}: {exc.strerror}") from None
+    try:
+        overrides = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--recipe is not valid JSON: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise InputError("--recipe must be a JSON object of view recipe fields")
+    return overrides
 Device = Annotated[str, typer.Option(help="torch device for the teacher: cpu, cuda, cuda:1 ...")]
 
 
@@ -100,6 +125,7 @@ def teacher_logits(
     topk: Annotated[int, typer.Option(help="Teacher logits kept per view (top-1 is what hard distillation needs).")] = 10,
     img_size: Annotated[int, typer.Option(help="View size in pixels; binds the store to the recipe.")] = 224,
     seed: Annotated[int, typer.Option(help="View recipe seed: views are a pure function of (seed, split, idx, view).")] = 0,
+    recipe: RecipeJSON = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 64,
     workers: Annotated[int, typer.Option(help="Loader worker processes per rank (decode + augment).")] = 2,
     device: Device = "cpu",
@@ -117,7 +143,8 @@ def teacher_logits(
     if precision not in ("bf16", "fp32"):
         raise InputError(f"--precision must be bf16 or fp32, not {precision!r}")
     summary = stage.run(
-        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision), ViewRecipe(img_size=img_size, seed=seed),
+        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision),
+        ViewRecipe(img_size=img_size, seed=seed).with_overrides(recipe_overrides(recipe)),
         views=views, k=topk, split=split, batch_size=batch_size, workers=workers, device=device,
     )
     typer.echo(
@@ -189,6 +216,7 @@ def train(
     precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
     ds_config: Annotated[Optional[str], typer.Option(help="DeepSpeed JSON whose keys override ours.")] = None,
     seed: Annotated[int, typer.Option(help="Order and view seed (a store brings its own view seed).")] = 0,
+    recipe: RecipeJSON = None,
     workers: Annotated[int, typer.Option(help="Loader worker processes per rank.")] = 2,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --output.")] = False,
@@ -207,7 +235,7 @@ def train(
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
         distillation=distillation, alpha=alpha, tau=tau, soft_reduction=soft_reduction,
         teacher_online=teacher_online, teacher_weights=teacher_weights, epochs=epochs, repeats=repeats, seed=seed,
-        img_size=img_size, engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
+        img_size=img_size, recipe_overrides=recipe_overrides(recipe), engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
         schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs), weight_decay=weight_decay,
         workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
         max_steps=max_steps,

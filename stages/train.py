@@ -51,7 +51,7 @@ from deit_pipe.models.registry import (
 from deit_pipe.optim.schedule import LRSchedule, adamw, set_lr
 from deit_pipe.reporting.plots import plot_training, read_jsonl
 from deit_pipe.stages.verify_store import open_bound_store
-from deit_pipe.storage.location import exists, is_local
+from deit_pipe.storage.location import exists, is_local, put_atomic
 from deit_pipe.storage.manifest import ShardManifest, manifest_url
 
 
@@ -81,6 +81,7 @@ class TrainConfig:
     repeats: int = 3
     seed: int = 0
     img_size: int | None = None  # the view size when no store gives the recipe (default 224)
+    recipe_overrides: dict = field(default_factory=dict)  # other ViewRecipe fields, same rule as img_size
     engine: EngineSpec = field(default_factory=EngineSpec)
     schedule: LRSchedule = field(default_factory=LRSchedule)
     weight_decay: float = 0.05
@@ -115,12 +116,13 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | N
     if cfg.distillation == "none" or cfg.teacher_online:
         if cfg.store:
             raise InputError("--logits is for cached distillation; drop it with --distillation none or --teacher-online")
-        return ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed), None
+        return ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed).with_overrides(cfg.recipe_overrides), None
     if not cfg.store:
         raise InputError(f"--distillation {cfg.distillation} needs --logits STORE (or --teacher-online NAME)")
     _, store, recipe = open_bound_store(cfg.shards, cfg.store, "train")
     if cfg.img_size is not None and cfg.img_size != recipe.img_size:
         raise InputError(f"--img-size {cfg.img_size} conflicts with the store's recipe (img_size {recipe.img_size})")
+    recipe.refuse_conflicts(cfg.recipe_overrides, "--recipe", "the store's recipe")
     needed = views_needed(cfg.epochs, cfg.repeats)
     if needed > store.num_views and not cfg.allow_view_reuse:
         raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
@@ -414,8 +416,8 @@ def run(cfg: TrainConfig) -> dict:
         if r.ctx.is_main:
             rows = read_jsonl(metrics_path)
             result.update(final=rows[-1] if rows else {}, config=_jsonable(asdict(cfg)))
-            with open(os.path.join(cfg.output, "results.json"), "w") as f:
-                json.dump(result, f, indent=1)
+            # Atomic: results.json is what tells a caller (the demo) that this run finished.
+            put_atomic(os.path.join(cfg.output, "results.json"), json.dumps(result, indent=1).encode())
             plot_training(metrics_path, os.path.join(cfg.output, "training.png"), title=cfg.student.name)
     return result
 

@@ -1,0 +1,40 @@
+"""Runs every stage benchmark in turn and prints one table of their ratios (`just bench`).
+
+Each benchmark prints its own measurements and ends with `ratio ...` lines; this collects them.
+Names pick which run (default all): `python bench/all.py train`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = {
+    "shard": ("bench/shard.py", "shard images/s vs tar -cf (copy mode)"),
+    "teacher-logits": ("bench/teacher_logits.py", "teacher-logits views/s vs raw teacher forward (goal >= 0.9)"),
+    "train": ("bench/train.py", "student images/s: cached targets vs no distillation (goal >= 0.97)"),
+}
+
+
+def main(argv: list[str]) -> None:
+    root = Path(__file__).resolve().parent.parent
+    chosen = [a for a in argv if a in BENCHES] or list(BENCHES)
+    rows = []
+    for name in chosen:
+        script, what = BENCHES[name]
+        print(f"== {name}: {what}", flush=True)
+        out = subprocess.run([sys.executable, str(root / script)], cwd=root, check=True, text=True,
+                             stdout=subprocess.PIPE).stdout
+        print(out, flush=True)
+        rows += [(name, line.strip()) for line in out.splitlines() if line.strip().startswith("ratio")]
+        rows += [(name, line.strip()) for line in out.splitlines() if "bytes per view" in line or "store, " in line]
+    print("== summary")
+    print(f"| {'stage':15} | measurement |")
+    print(f"|{'-' * 17}|-------------|")
+    for name, line in rows:
+        print(f"| {name:15} | {line} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
