@@ -197,6 +197,8 @@ def train(
     teacher_online: Annotated[Optional[str], typer.Option(
         help="DeiT's original mode: run this timm teacher on every batch instead of reading a store.")] = None,
     teacher_weights: Annotated[Optional[str], typer.Option(help="Weights of the online teacher.")] = None,
+    teacher_precision: Annotated[Optional[str], typer.Option(
+        help="The online teacher's precision, bf16 or fp32 (default: --precision); match the store's to compare.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs; with R repeats they use ceil(E/R)*R stored views.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Micro batch per rank.")] = 64,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
@@ -234,8 +236,9 @@ def train(
         shards=shards, output=output, store=logits,
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
         distillation=distillation, alpha=alpha, tau=tau, soft_reduction=soft_reduction,
-        teacher_online=teacher_online, teacher_weights=teacher_weights, epochs=epochs, repeats=repeats, seed=seed,
-        img_size=img_size, recipe_overrides=recipe_overrides(recipe), engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
+        teacher_online=teacher_online, teacher_weights=teacher_weights, teacher_precision=teacher_precision,
+        epochs=epochs, repeats=repeats, seed=seed, img_size=img_size, recipe_overrides=recipe_overrides(recipe),
+        engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
         schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs), weight_decay=weight_decay,
         workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
         max_steps=max_steps,

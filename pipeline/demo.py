@@ -112,7 +112,9 @@ def run(out: str, cfg: DemoConfig) -> dict:
     for name, (distillation, source) in STUDENT_RUNS.items():
         run_dir = join(runs, name)
         teacher_args = {"store": ["--logits", store],
-                        "online": ["--teacher-online", cfg.teacher, "--teacher-weights", teacher_weights],
+                        # fp32 like the store, so the two hard students get the same teacher answers.
+                        "online": ["--teacher-online", cfg.teacher, "--teacher-weights", teacher_weights,
+                                   "--teacher-precision", "fp32"],
                         None: []}[source]
         _timed(join(run_dir, "results.json"), lambda: _cli(
             "train", shards, "-o", run_dir, "--model", cfg.student[0], *cfg.student[1:], "--distillation",

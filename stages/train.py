@@ -77,6 +77,7 @@ class TrainConfig:
     soft_reduction: str = "sum_numel"
     teacher_online: str | None = None
     teacher_weights: str | None = None
+    teacher_precision: str | None = None  # the online teacher's bf16 | fp32; None: the student's precision
     epochs: int = 300
     repeats: int = 3
     seed: int = 0
@@ -109,6 +110,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | N
     for flag, steps in (("--checkpoint-every", cfg.checkpoint_every), ("--max-steps", cfg.max_steps)):
         if steps % accum:
             raise InputError(f"{flag} {steps} must be a multiple of --grad-accum {accum} (whole optimizer steps)")
+    if cfg.teacher_precision not in (None, "bf16", "fp32"):
+        raise InputError(f"--teacher-precision must be bf16 or fp32, not {cfg.teacher_precision!r}")
     if cfg.teacher_online and cfg.distillation == "none":
         raise InputError("--teacher-online needs --distillation soft or hard")
     if cfg.tau != 1.0 and cfg.distillation == "hard":
@@ -221,7 +224,8 @@ class StudentRun:
         if self.cfg.distillation == "none":
             return None
         if self.teacher is not None:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            teacher_bf16 = (self.cfg.teacher_precision or self.cfg.engine.precision) == "bf16"
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=teacher_bf16):
                 logits = self.teacher(images)
             return TeacherTargets.from_logits(logits.float(), self.cfg.tau)
         return TeacherTargets.from_topk(
