@@ -36,8 +36,11 @@ def plot_training(metrics_path: str, png_path: str, title: str = "") -> None:
 def plot_curves(curves: dict[str, list[tuple[int, float]]], png_path: str, ylabel: str, title: str) -> None:
     """One line per run: {label: [(epoch, value), ...]}."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in curves.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    # Distinct markers and dashes: runs that agree exactly (cached vs online teacher) stay visible.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("x", "-.")]
+    for i, (label, points) in enumerate(curves.items()):
+        marker, dash = styles[i % len(styles)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle=dash, label=label)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
