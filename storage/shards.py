@@ -47,7 +47,8 @@ class ShardInfo:
 
 def encode_shard(samples: Iterable[ShardSample]) -> bytes:
     buf = io.BytesIO()
-    with wds.TarWriter(buf, encoder=False, mtime=0.0, user="deit-pipe", group="deit-pipe") as tar:
+    # mtime an int: a float one makes tarfile add a PAX header to every member (twice the bytes).
+    with wds.TarWriter(buf, encoder=False, mtime=0, user="deit-pipe", group="deit-pipe") as tar:
         for s in samples:
             tar.write({"__key__": s.key, s.ext: s.image, "cls": str(s.label).encode(), "idx": str(s.idx).encode()})
     return buf.getvalue()
