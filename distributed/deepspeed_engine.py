@@ -92,6 +92,12 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if engine.bfloat16_enabled():
+        # DeepSpeed casts parameters to bf16 but leaves buffers in fp32; batch norm then meets bf16
+        # weights with fp32 running statistics and refuses (a RegNet student or teacher in bf16).
+        for buffer in engine.module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(torch.bfloat16)
     return engine
 
 

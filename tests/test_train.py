@@ -275,3 +275,15 @@ def test_zero3_two_ranks_with_online_teacher_eval_digest_and_export(data, tmp_pa
     assert_ranks_agree(out, 2)
     assert exported_digest(out) == rank_states(out)[0]["param_sha256"]
     assert np.isfinite(rows[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_batch_norm_student_trains_in_bf16(data, tmp_path):
+    """DeepSpeed's bf16 leaves buffers in fp32; a RegNet's batch norm must still run (and learn)."""
+    out = tmp_path / "regnet-bf16"
+    deit_pipe("train", data["shards"], "-o", str(out), "--model", "regnetx_002", "--distillation", "none",
+              "--img-size", "32", "--repeats", "1", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+              "--warmup-epochs", "0", "--lr", "0.05", "--zero", "1", "--precision", "bf16", nproc=1)
+    rows = metrics(out)
+    assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert (out / "student.safetensors").exists()
