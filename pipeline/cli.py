@@ -272,11 +272,19 @@ def demo(
     typer.echo(demo_job.results_table(results))
 
 
+def one_line(exc: InputError) -> str:
+    """The message itself: a DataLoader worker's error arrives wrapped in the worker's traceback text."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else ""
+    prefix = f"{InputError.__module__}.{InputError.__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else text
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:
-        typer.echo(f"deit-pipe: error: {exc}", err=True)
+        typer.echo(f"deit-pipe: error: {one_line(exc)}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("deit-pipe: interrupted", err=True)

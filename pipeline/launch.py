@@ -1,9 +1,9 @@
-"""`--nproc-per-node N`: start N local ranks of the same command under torchrun."""
+"""`--nproc-per-node N`: start N local ranks of the same command under torchrun's launcher."""
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 import sys
 
 
@@ -20,12 +20,22 @@ def _without_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def relaunch_under_torchrun(nproc: int) -> None:
-    """Run this very command line again as N ranks; the cores are shared out so ranks do not fight."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = _without_flag(sys.argv[1:], "--nproc-per-node")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "deit_pipe.pipeline.cli", *args]
-    code = subprocess.call(cmd, env=env)
-    if code:
-        sys.exit(code)
+    """Run this very command line again as N ranks; the cores are shared out so ranks do not fight.
+
+    torchrun runs in this process so that a failed rank ends it with that rank's exit code: the rank
+    has already printed its own one-line error, and torchrun's traceback of the failure would only bury it.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args([
+        "--standalone", f"--nproc-per-node={nproc}", "-m", "deit_pipe.pipeline.cli",
+        *_without_flag(sys.argv[1:], "--nproc-per-node"),
+    ])
+    try:
+        run(args)
+    except ChildFailedError as failed:
+        _, failure = failed.get_first_failure()
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)

@@ -287,3 +287,21 @@ def test_batch_norm_student_trains_in_bf16(data, tmp_path):
     rows = metrics(out)
     assert len(rows) == 2 and all(np.isfinite(r["train_loss"]) for r in rows)
     assert (out / "student.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_replay_drift_inside_the_ranks_is_one_line_per_rank(data, tmp_path):
+    """A store whose pixel digests no longer match the views rebuilt here: the loader workers of each rank
+    refuse it, and neither DataLoader's nor torchrun's traceback reaches the user."""
+    import zarr
+
+    store = tmp_path / "store"
+    shutil.copytree(data["store"], store)
+    zarr.open_group(str(store / "train"), mode="r+")["digest"][:, :] = 12345
+    proc = deit_pipe("train", data["shards"], "-o", str(tmp_path / "run"), "--logits", str(store),
+                     *STUDENT, "--workers", "1",  # the later --workers wins: the error rises in a loader worker
+                     "--epochs", "3", "--max-steps", "2", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("deit-pipe: error:")]
+    assert proc.returncode == 2
+    assert len(errors) == 2 and all("replay drift" in line for line in errors)
+    assert "Traceback" not in proc.stderr
