@@ -8,23 +8,25 @@ default:
     @just --list
 
 # Run the whole test suite (CI runs exactly this).
-test *args:
+test *args: fashion-mnist-source
     OMP_NUM_THREADS=1 python -m pytest -q {{args}}
 
 # The suite without the slow multi-process tests.
-test-fast *args:
+test-fast *args: fashion-mnist-source
     OMP_NUM_THREADS=1 python -m pytest -q -m "not slow" {{args}}
 
-# Debian's Fashion-MNIST as an ImageFolder (train/<class>/*.png, val/<class>/*.png); installs it when missing.
-fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0":
-    [ -f {{fmnist_src}}/train-images-idx3-ubyte.gz ] || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+# Debian's dataset-fashion-mnist (real images for the tests and the demo), installed when missing.
+fashion-mnist-source:
+    @[ -f {{fmnist_src}}/train-images-idx3-ubyte.gz ] || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+# Debian's Fashion-MNIST as an ImageFolder (train/<class>/*.png, val/<class>/*.png).
+fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0": fashion-mnist-source
     deit-pipe fashion-mnist {{dest}} --source {{fmnist_src}} --limit {{limit}} --val-limit {{val_limit}}
 
 # Benchmarks of the stages (ratios measured side by side in one run).
-bench:
+bench: fashion-mnist-source
     python bench/all.py
 
 # The main job: Fashion-MNIST -> shards -> RegNet teacher -> teacher store -> four DeiT students (results + plots).
-demo out="demo-output" *args:
-    [ -f {{fmnist_src}}/train-images-idx3-ubyte.gz ] || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+demo out="demo-output" *args: fashion-mnist-source
     deit-pipe demo {{out}} {{args}}

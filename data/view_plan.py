@@ -32,19 +32,19 @@ def cycle_order(maker: ViewMaker, manifest: ShardManifest, shard: int, v: int) -
     return order
 
 
-def unit_items(maker: ViewMaker, manifest: ShardManifest, units: list[tuple[int, int]], batch: int) -> list[list[ViewPiece]]:
-    """One item per `batch` samples of each (shard, v) unit: the teacher-logits plan."""
-    items = []
-    for shard, v in units:
-        order = cycle_order(maker, manifest, shard, v)
-        items += [[ViewPiece(shard, v, tuple(order[i : i + batch]))] for i in range(0, len(order), batch)]
-    return items
-
-
 def stream_items(
-    maker: ViewMaker, manifest: ShardManifest, units: list[tuple[int, int]], batch: int, max_items: int | None = None
+    maker: ViewMaker,
+    manifest: ShardManifest,
+    units: list[tuple[int, int]],
+    batch: int,
+    max_items: int | None = None,
+    drop_last: bool = True,
 ) -> list[list[ViewPiece]]:
-    """Fixed-size batches over the concatenated units: the training plan (a batch may span units)."""
+    """Fixed-size batches over the concatenated units (a batch may span units).
+
+    Training drops the last partial batch, so every step has the same size on every rank; the teacher
+    keeps it, since every view must be scored.
+    """
     items: list[list[ViewPiece]] = []
     current: list[ViewPiece] = []
     filled = 0
@@ -60,4 +60,6 @@ def stream_items(
                 if max_items is not None and len(items) == max_items:
                     return items
                 current, filled = [], 0
-    return items  # the last partial batch is dropped: every step has the same size on every rank
+    if current and not drop_last:
+        items.append(current)
+    return items

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import deit_pipe
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
-from deit_pipe.data.view_plan import unit_items
+from deit_pipe.data.view_plan import stream_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
@@ -112,7 +112,8 @@ def run(
     done = store.committed_units()
     units = [(s, v) for s in ctx.my_units(list(range(manifest.num_shards))) for v in range(views) if (s, v) not in done]
     maker = ViewMaker(recipe, split)
-    dataset = ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size))
+    # Batches run across unit boundaries, so the teacher always sees full batches (but the last).
+    dataset = ViewDataset(shards, maker, stream_items(maker, manifest, units, batch_size, drop_last=False))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
 
     pending: dict[tuple[int, int], UnitBuffer] = {}
@@ -121,17 +122,20 @@ def run(
                desc=f"teacher-logits rank {ctx.rank}", disable=None)
     with torch.inference_mode():
         for pieces, batch, _ in loader:
-            (piece,) = pieces
             with autocast(dev, teacher.precision):
                 logits = model(batch.images.to(dev, non_blocking=True))
-            top, cls, lse = compress_teacher_logits(logits.float(), k)
-            key = (piece.shard, piece.v)
-            unit = pending.setdefault(key, UnitBuffer(len(manifest.shard_range(piece.shard)), k))
-            if unit.put(piece.positions, top, cls, lse, batch):
-                store.write_unit(piece.shard, piece.v, unit.record())
-                del pending[key]
-            bar.update(len(piece.positions))
-            written += len(piece.positions)
+            top, cls, lse = (t.cpu().numpy() for t in compress_teacher_logits(logits.float(), k))
+            start = 0
+            for piece in pieces:
+                rows = slice(start, start + len(piece.positions))
+                start = rows.stop
+                key = (piece.shard, piece.v)
+                unit = pending.setdefault(key, UnitBuffer(len(manifest.shard_range(piece.shard)), k))
+                if unit.put(piece.positions, top[rows], cls[rows], lse[rows], batch, rows):
+                    store.write_unit(piece.shard, piece.v, unit.record())
+                    del pending[key]
+            bar.update(len(batch.idx))
+            written += len(batch.idx)
     bar.close()
     return {"rank": ctx.rank, "units_written": len(units), "views_written": written,
             "store_bytes": store.nbytes_stored(), "views_total": manifest.num_samples * views}
@@ -151,12 +155,14 @@ class UnitBuffer:
         }
         self.missing = n
 
-    def put(self, positions, top, cls, lse, batch) -> bool:
-        rows = np.asarray(positions)
+    def put(self, positions, top, cls, lse, batch, batch_rows: slice) -> bool:
+        """Rows `batch_rows` of the batch (and of top/cls/lse) are this unit's `positions`."""
+        at = np.asarray(positions)
         a = self.arrays
-        a["logits"][rows], a["classes"][rows], a["lse"][rows] = top.cpu().numpy(), cls.cpu().numpy(), lse.cpu().numpy()
-        a["partner"][rows], a["lam"][rows], a["digest"][rows] = batch.partner.numpy(), batch.lam.numpy(), batch.digest.numpy()
-        self.missing -= len(rows)
+        a["logits"][at], a["classes"][at], a["lse"][at] = top, cls, lse
+        for name in ("partner", "lam", "digest"):
+            a[name][at] = getattr(batch, name)[batch_rows].numpy()
+        self.missing -= len(at)
         return self.missing == 0
 
     def record(self) -> ViewRecord:
