@@ -1,7 +1,7 @@
 """Views/s of `deit-pipe teacher-logits` next to the bare teacher forward, and the store's bytes per view.
 
     python bench/teacher_logits.py [--teacher regnety_016] [--img-size 224] [--images 320] [--views 2]
-                                   [--batch-size 32] [--workers 1] [--threads 2] [--repeats 2]
+                                   [--batch-size 32] [--workers 0] [--threads 2] [--repeats 2]
 
 Throughput, for each setting: `stages.teacher_logits.run` in this process (shards -> views rebuilt by
 --workers loader processes -> teacher -> top-k -> Zarr store; the whole call, store layout included)
@@ -9,7 +9,12 @@ against the same teacher's forward alone on pre-made tensors (same model, batch,
 run alternately --repeats times each (the machine may be shared: every run is printed, the best of each
 counts). The stage's timing includes its start-up (teacher creation, loader worker start, the first
 batch of views), a fixed cost a real run spreads over 1.28 M images; 640 views keep it to a few percent
-here (80 images gave 0.89 where 320 give 0.94 on the 2-core machine). Two settings: the real-size one (a RegNetY at 224 px, random weights: the cost is the
+here (80 images gave 0.89 where 320 give 0.94 on the 2-core machine). Loader workers default to 0:
+when the teacher runs on every core, as on this CPU machine, a loader process only preempts its
+threads (one run with 1 worker: 0.75 to 0.94 between runs, against 0.96 without); on a GPU machine,
+where the cores are free for views, pass --workers.
+
+Two settings: the real-size one (a RegNetY at 224 px, random weights: the cost is the
 architecture's, not the weights') and the demo's (regnetx_002 at 32 px, where the teacher is so cheap that
 rebuilding views dominates).
 
@@ -78,7 +83,7 @@ def compare(label: str, shards: str, store: str, teacher: str, img_size: int, vi
           f"threads {torch.get_num_threads()}, best of {repeats}")
     print(f"  raw teacher forward   {max(raw):9.2f} views/s  (runs: {', '.join(f'{x:.2f}' for x in raw)})")
     print(f"  teacher-logits stage  {max(staged):9.2f} views/s  (runs: {', '.join(f'{x:.2f}' for x in staged)})")
-    print(f"  ratio stage/raw       {max(staged) / max(raw):9.3f}")
+    print(f"  ratio stage/raw ({label})  {max(staged) / max(raw):.3f}")
 
 
 def teacher_like_store(url: str, num_classes: int = 1000, per_shard: int = 1000, shards: int = 2,
@@ -125,7 +130,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=320, help="Fashion-MNIST train images for the real-size run")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1, help="loader worker processes (view rebuilding)")
+    ap.add_argument("--workers", type=int, default=0, help="loader worker processes (view rebuilding)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the teacher")
     ap.add_argument("--demo-images", type=int, default=200)
     ap.add_argument("--demo-views", type=int, default=3)

@@ -261,6 +261,9 @@ def demo(
         "demo-output"
     ),
     full: Annotated[bool, typer.Option(help="All 70,000 images and more epochs (hours on a CPU).")] = False,
+    shards: Annotated[Optional[str], typer.Option(help="Where the shards go (any fsspec URL); default OUT/shards.")] = None,
+    store: Annotated[Optional[str], typer.Option(
+        help="Where the teacher store goes (any fsspec URL); default OUT/teacher-store.")] = None,
 ) -> None:
     """The main job end to end on Fashion-MNIST: shards, a RegNet teacher, its store, four DeiT students.
 
@@ -268,7 +271,7 @@ def demo(
     """
     from deit_pipe.pipeline import demo as demo_job
 
-    results = demo_job.run(out, demo_job.DemoConfig.full() if full else demo_job.DemoConfig())
+    results = demo_job.run(out, demo_job.DemoConfig.full() if full else demo_job.DemoConfig(), shards, store)
     typer.echo(demo_job.results_table(results))
 
 

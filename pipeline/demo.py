@@ -4,7 +4,7 @@ ImageFolder -> shards -> a small RegNet teacher trained by our own train stage -
 the same small DeiT student four ways (no distillation; hard and soft from the store; hard with the
 online teacher), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step runs the real CLI in a
 subprocess, exactly as a user would, and is skipped when its output already exists, so a rerun
-picks up where the last one stopped. The results table (markdown + JSON) and plots land in OUT.
+picks up where the last one stopped (a training run cut short resumes from its last checkpoint). The results table (markdown + JSON) and plots land in OUT.
 """
 
 from __future__ import annotations
@@ -71,40 +71,44 @@ def _cli(*args: str, ranks: int = 1) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
-def _timed(path: str, step) -> float:
-    """Run `step` unless its marker file exists; the wall time is kept beside it for the table."""
-    timing = path + ".wall_s"
-    if not exists(path):
-        t0 = time.time()
-        step()
-        with open(timing, "w") as f:
-            f.write(str(time.time() - t0))
-    with open(timing) as f:
-        return float(f.read())
+def _wall_time_file(out: str, step: str) -> str:
+    return os.path.join(out, "steps", step + ".wall_s")
 
 
-def run(out: str, cfg: DemoConfig) -> dict:
-    os.makedirs(out, exist_ok=True)
-    images, shards, store = join(out, "fashion-mnist"), join(out, "shards"), join(out, "teacher-store")
-    runs = join(out, "runs")
+def _unless_done(out: str, step: str, done: str, command) -> None:
+    """Run `command` unless the step's output `done` (any URL) exists; keep its wall time for the table."""
+    if exists(done):
+        return
+    t0 = time.time()
+    command()
+    with open(_wall_time_file(out, step), "w") as f:
+        f.write(str(time.time() - t0))
+
+
+def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None = None) -> dict:
+    """OUT is a local folder (images, runs, results); shards and store default to it, or any fsspec URL."""
+    os.makedirs(os.path.join(out, "steps"), exist_ok=True)
+    images, runs = join(out, "fashion-mnist"), join(out, "runs")
+    shards, store = shards or join(out, "shards"), store or join(out, "teacher-store")
     views = -(-cfg.student_epochs // cfg.repeats) * cfg.repeats
     common = ["--img-size", str(cfg.img_size), "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
               "--zero", "2", "--seed", str(cfg.seed)]
 
     write_image_folder(images, limit=cfg.train_images, val_limit=cfg.val_images)
-    _timed(manifest_url(shards, "val"), lambda: _cli(
+    _unless_done(out, "shard", manifest_url(shards, "val"), lambda: _cli(
         "shard", images, shards, "--samples-per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)))
 
     teacher_dir = join(runs, "teacher")
     teacher_weights = join(teacher_dir, "student.safetensors")
-    _timed(join(teacher_dir, "results.json"), lambda: _cli(
-        "train", shards, "-o", teacher_dir, "--model", cfg.teacher, "--distillation", "none",
+    _unless_done(out, "teacher", join(teacher_dir, "results.json"), lambda: _cli(
+        "train", shards, "-o", teacher_dir, "--resume", "--model", cfg.teacher, "--distillation", "none",
         # fp32: bf16 buys a net this small no speed on a CPU, and fp32 keeps the teacher exact.
         "--epochs", str(cfg.teacher_epochs), "--repeats", "1", "--warmup-epochs", "1", "--precision", "fp32",
         "--lr", str(cfg.teacher_lr), "--recipe", cfg.teacher_recipe, *common, ranks=cfg.ranks))
 
-    store_done = join(out, "teacher-store.done")
-    _timed(store_done, lambda: (_cli(
+    # A store can exist half-computed: the step is done when the command that completes it returned.
+    store_done = join(out, "steps", "teacher-logits.done")
+    _unless_done(out, "teacher-logits", store_done, lambda: (_cli(
         "teacher-logits", shards, store, "--teacher", cfg.teacher, "--teacher-weights", teacher_weights,
         "--views", str(views), "--img-size", str(cfg.img_size), "--batch-size", "256", "--workers", "1",
         "--precision", "fp32", "--seed", str(cfg.seed)), open(store_done, "w").close()))
@@ -116,8 +120,8 @@ def run(out: str, cfg: DemoConfig) -> dict:
                         "online": ["--teacher-online", cfg.teacher, "--teacher-weights", teacher_weights,
                                    "--teacher-precision", "fp32"],
                         None: []}[source]
-        _timed(join(run_dir, "results.json"), lambda: _cli(
-            "train", shards, "-o", run_dir, "--model", cfg.student[0], *cfg.student[1:], "--distillation",
+        _unless_done(out, name, join(run_dir, "results.json"), lambda: _cli(
+            "train", shards, "-o", run_dir, "--resume", "--model", cfg.student[0], *cfg.student[1:], "--distillation",
             distillation, *teacher_args, "--epochs", str(cfg.student_epochs), "--repeats", str(cfg.repeats),
             "--warmup-epochs", "1", "--precision", "bf16", "--lr", str(cfg.lr), *common, ranks=cfg.ranks))
 
@@ -133,8 +137,8 @@ def write_results(out: str, cfg: DemoConfig, store: str) -> dict:
         run_dir = join(runs, name)
         with open(join(run_dir, "results.json")) as f:
             res = json.load(f)
-        with open(join(run_dir, "results.json") + ".wall_s") as f:
-            wall = float(f.read())
+        timing = _wall_time_file(out, name)
+        wall = float(open(timing).read()) if os.path.exists(timing) else None  # None: done outside the demo
         return {**res["final"], "wall_s": wall, "images_per_s": res["images_per_s"]}
 
     teacher_store = TeacherStore.open(store, "train")
@@ -168,8 +172,9 @@ def results_table(results: dict) -> str:
     ]
     rows = {"teacher (" + results["config"]["teacher"] + ")": results["teacher"], **results["students"]}
     for name, r in rows.items():
+        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
         lines.append(f"| {name} | {pct(r, 'avg_top1')} | {pct(r, 'cls_top1')} | {pct(r, 'dist_top1')} | "
-                     f"{pct(r, 'avg_top5')} | {r['wall_s']:.0f} | {r['images_per_s']:.0f} |")
+                     f"{pct(r, 'avg_top5')} | {wall} | {r['images_per_s']:.0f} |")
     s = results["store"]
     lines.append("")
     lines.append(f"Teacher store: {s['bytes']} bytes for {s['views']} views = {s['bytes_per_view']:.1f} bytes/view.")

@@ -1,0 +1,48 @@
+"""`deit-pipe demo` end to end at a tiny size: every step through the real CLI (2 ranks, ZeRO-2), the
+shards and the teacher store on S3 (moto's server), results and plots written, and a rerun that skips
+every finished step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deit_pipe.pipeline import demo
+from deit_pipe.storage.location import exists
+from deit_pipe.storage.manifest import manifest_url
+from deit_pipe.storage.teacher_store import TeacherStore
+
+TINY = demo.DemoConfig(train_images=120, val_images=40, samples_per_shard=30, teacher_epochs=1, student_epochs=1,
+                       repeats=1, student=("deit_tiny_distilled_patch16_224", "--patch-size", "8", "--depth", "1",
+                                           "--embed-dim", "32", "--num-heads", "2"),
+                       batch_size=16, workers=0)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bucket, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    shards, store = f"{s3_bucket}/shards", f"{s3_bucket}/store"
+    results = demo.run(str(out), TINY, shards, store)
+
+    assert exists(manifest_url(shards, "train")) and exists(manifest_url(shards, "val"))
+    teacher_store = TeacherStore.open(store, "train")
+    assert teacher_store.committed_units() == {(s, 0) for s in range(4)}  # 120 images / 30, one view each
+    assert results["store"]["views"] == 120 and 0 < results["store"]["bytes_per_view"] < 200
+    assert set(results["students"]) == set(demo.STUDENT_RUNS)
+    for name, row in {"teacher": results["teacher"], **results["students"]}.items():
+        assert 0 <= row["avg_top1"] <= 100 and row["wall_s"] > 0 and row["images_per_s"] > 0, name
+        assert (out / "runs" / name / "student.safetensors").exists(), name
+    for name in demo.STUDENT_RUNS:  # the DeiT student has both heads in every run
+        assert {"cls_top1", "dist_top1"} <= set(results["students"][name]), name
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert "| hard_online |" in (out / "results.md").read_text()
+    assert (out / "students_top1.png").stat().st_size > 0
+
+    # The rerun finds every step's output and starts no command; the results come out the same.
+    launched = []
+    monkeypatch.setattr(demo, "_cli", lambda *args, **kw: launched.append(args[0]))
+    assert demo.run(str(out), TINY, shards, store) == results
+    assert launched == []
