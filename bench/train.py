@@ -6,15 +6,17 @@
 
 One process, one rank: the same student, loader, views and threads in all three modes; only the teacher
 targets differ (read from the store / none / the teacher run on every batch). The modes are measured in
-turns (cached, none, online, cached, ...) for --rounds rounds, each turn timing --steps training steps
-after --warmup steps, and each mode's median is reported with the ratios to `none`. The teacher has
+turns for --rounds rounds (the order rotating each round, so no mode always follows the same one),
+each turn timing --steps training steps after --warmup steps. Each mode's best turn is reported with
+the ratios to `none`, as timeit does: on a shared machine a turn is only ever slowed by others' work,
+and the turns of one mode swing by 20% here, so the median of a few turns ranks the modes by luck
+(3 rounds with medians gave cached/none 1.075, 0.935, 1.035 and 0.925 in four runs). The teacher has
 seeded random weights: speed does not depend on what it learned.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,7 +91,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--precision", default="fp32")
@@ -115,21 +117,21 @@ def main() -> None:
         }
         runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
         speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for _ in range(args.rounds):
-            for mode in MODES:
+        for r in range(args.rounds):
+            for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
                 speeds[mode].append(images_per_s(runs[mode], args.warmup, args.steps))
 
-    median = {mode: statistics.median(s) for mode, s in speeds.items()}
+    best = {mode: max(s) for mode, s in speeds.items()}
     print(f"student {args.model} (patch {args.patch_size or 'default'}) at {args.img_size} px, teacher {args.teacher}, "
           f"batch {args.batch_size}, ZeRO-{args.zero} {args.precision}, workers {args.workers}, "
           f"{torch.get_num_threads()} threads, device {runs['none'].device}")
-    print(f"{args.steps} steps after {args.warmup} warmup, {args.rounds} rounds in turns; median images/s")
+    print(f"{args.steps} steps after {args.warmup} warmup, {args.rounds} rounds in turns; best images/s")
     print(f"{'mode':10}{'images/s':>10}{'vs none':>10}   per round")
     for mode in MODES:
         rounds = " ".join(f"{s:.0f}" for s in speeds[mode])
-        print(f"{mode:10}{median[mode]:10.1f}{median[mode] / median['none']:10.3f}   {rounds}")
-    print(f"ratio cached/none: {median['cached'] / median['none']:.3f} (goal >= 0.97); "
-          f"online/none: {median['online'] / median['none']:.3f}")
+        print(f"{mode:10}{best[mode]:10.1f}{best[mode] / best['none']:10.3f}   {rounds}")
+    print(f"ratio cached/none: {best['cached'] / best['none']:.3f} (goal >= 0.97); "
+          f"online/none: {best['online'] / best['none']:.3f}")
 
 
 if __name__ == "__main__":
