@@ -4,7 +4,8 @@ ImageFolder -> shards -> a small RegNet teacher trained by our own train stage -
 the same small DeiT student four ways (no distillation; hard and soft from the store; hard with the
 online teacher), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step runs the real CLI in a
 subprocess, exactly as a user would, and is skipped when its output already exists, so a rerun
-picks up where the last one stopped (a training run cut short resumes from its last checkpoint). The results table (markdown + JSON) and plots land in OUT.
+picks up where the last one stopped (a training run cut short resumes from its last checkpoint).
+The results table (markdown + JSON) and plots land in OUT.
 """
 
 from __future__ import annotations
