@@ -131,7 +131,7 @@ def run(
                 start = rows.stop
                 key = (piece.shard, piece.v)
                 unit = pending.setdefault(key, UnitBuffer(len(manifest.shard_range(piece.shard)), k))
-                if unit.put(piece.positions, top[rows], cls[rows], lse[rows], batch, rows):
+                if unit.put(piece.positions, rows, top, cls, lse, batch):
                     store.write_unit(piece.shard, piece.v, unit.record())
                     del pending[key]
             bar.update(len(batch.idx))
@@ -155,13 +155,13 @@ class UnitBuffer:
         }
         self.missing = n
 
-    def put(self, positions, top, cls, lse, batch, batch_rows: slice) -> bool:
-        """Rows `batch_rows` of the batch (and of top/cls/lse) are this unit's `positions`."""
+    def put(self, positions, rows: slice, top, cls, lse, batch) -> bool:
+        """Rows `rows` of the batch and of its teacher outputs are this unit's `positions`."""
         at = np.asarray(positions)
         a = self.arrays
-        a["logits"][at], a["classes"][at], a["lse"][at] = top, cls, lse
+        a["logits"][at], a["classes"][at], a["lse"][at] = top[rows], cls[rows], lse[rows]
         for name in ("partner", "lam", "digest"):
-            a[name][at] = getattr(batch, name)[batch_rows].numpy()
+            a[name][at] = getattr(batch, name)[rows].numpy()
         self.missing -= len(at)
         return self.missing == 0
 

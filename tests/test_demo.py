@@ -6,7 +6,6 @@ every finished step.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ TINY = demo.DemoConfig(train_images=120, val_images=40, samples_per_shard=30, te
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bucket, monkeypatch, capsys):
+def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bucket, monkeypatch):
     out = tmp_path / "demo"
     shards, store = f"{s3_bucket}/shards", f"{s3_bucket}/store"
     results = demo.run(str(out), TINY, shards, store)
