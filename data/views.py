@@ -46,6 +46,30 @@ def view_key(*parts) -> np.random.SeedSequence:
     return np.random.SeedSequence(int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little"))
 
 
+_saved_depth = 0  # nesting depth of isolated_global_rngs scopes (guarded by the lock)
+
+
+@contextmanager
+def isolated_global_rngs():
+    """Restore python `random`, `numpy.random` and torch's default CPU generator on leaving the scope.
+
+    Nested scopes save nothing (the outermost one restores), so a loop over many views pays for one save
+    and restore, not one per view.
+    """
+    global _saved_depth
+    with _GLOBAL_RNG_LOCK:
+        saved = None if _saved_depth else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+        _saved_depth += 1
+        try:
+            yield
+        finally:
+            _saved_depth -= 1
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.default_generator.set_state(saved[2])
+
+
 @contextmanager
 def seeded_global_rngs(key: np.random.SeedSequence):
     """Seed python `random`, `numpy.random` and torch's default CPU generator from `key`; restore them after.
@@ -53,17 +77,11 @@ def seeded_global_rngs(key: np.random.SeedSequence):
     What runs inside neither depends on nor disturbs the process's RNG state.
     """
     words = key.generate_state(6)  # uint32
-    with _GLOBAL_RNG_LOCK:
-        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-        try:
-            random.seed(int(words[0]) | int(words[1]) << 32)
-            np.random.seed(words[2:4])
-            torch.default_generator.manual_seed(int(words[4]) | int(words[5]) << 32)
-            yield
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.default_generator.set_state(saved[2])
+    with isolated_global_rngs():
+        random.seed(int(words[0]) | int(words[1]) << 32)
+        np.random.seed(words[2:4])
+        torch.default_generator.manual_seed(int(words[4]) | int(words[5]) << 32)
+        yield
 
 
 def decode_rgb(image: bytes) -> Image.Image:
@@ -165,25 +183,26 @@ class ViewMaker:
         _check_ascending(idxs)
         positions = list(range(len(samples)) if positions is None else positions)
         partner_pos = self._partner_positions(shard_index, len(samples), v)
-        params = {p: self.mix_params(idxs[p], v) for p in positions}
-
-        uses = Counter(positions)
-        uses.update(int(partner_pos[p]) for p in positions if params[p].mode != "none")
-        cache: dict[int, torch.Tensor] = {}
-
-        def take(p: int) -> torch.Tensor:
-            if p not in cache:
-                cache[p] = self.unmixed(samples[p], v)
-            uses[p] -= 1
-            return cache[p] if uses[p] else cache.pop(p)
-
         size = self.recipe.img_size
         images = torch.empty((len(positions), 3, size, size), dtype=torch.float32)
         slot = {p: i for i, p in enumerate(positions)}
-        for p in _cycle_order(positions, partner_pos):
-            own = take(p)
-            partner = take(int(partner_pos[p])) if params[p].mode != "none" else own
-            images[slot[p]] = mix_views(own, partner, params[p])
+        # One save and restore of the global generators for the whole loop, not one per view.
+        with isolated_global_rngs():
+            params = {p: self.mix_params(idxs[p], v) for p in positions}
+            uses = Counter(positions)
+            uses.update(int(partner_pos[p]) for p in positions if params[p].mode != "none")
+            cache: dict[int, torch.Tensor] = {}
+
+            def take(p: int) -> torch.Tensor:
+                if p not in cache:
+                    cache[p] = self.unmixed(samples[p], v)
+                uses[p] -= 1
+                return cache[p] if uses[p] else cache.pop(p)
+
+            for p in _cycle_order(positions, partner_pos):
+                own = take(p)
+                partner = take(int(partner_pos[p])) if params[p].mode != "none" else own
+                images[slot[p]] = mix_views(own, partner, params[p])
 
         partner_idx = [idxs[partner_pos[p]] for p in positions]
         return ViewBatch(
@@ -222,11 +241,19 @@ def view_digest(images: torch.Tensor) -> torch.Tensor:
 
     Rounding to float16 keeps the digest stable across machines whose float32 results differ in the last
     bits (SIMD paths, library builds), while any real drift (another crop, flip, op, partner) changes it.
-    Adding 0.0 folds -0.0 into +0.0 so a sign-only difference of zero does not count.
+    A float32 -0.0 is hashed as +0.0, so a sign-only difference of zero does not count; a tiny negative
+    that rounds to -0.0 in float16 keeps its sign (the definition every existing store was written with).
     """
-    halves = (images.detach().to("cpu", torch.float32) + 0.0).to(torch.float16).numpy().astype("<f2")
+    pixels = images.detach().to("cpu", torch.float32).contiguous()
+    halves = pixels.to(torch.float16)
+    bits = halves.view(torch.int16)
+    # Find float16 -0.0 first (cheap, and almost never there); only those need the float32 check.
+    negative_zero = bits == -0x8000
+    if negative_zero.any():
+        bits[negative_zero & (pixels == 0)] = 0
+    rows = halves.numpy().astype("<f2", copy=False)
     return torch.tensor(
-        [int.from_bytes(hashlib.blake2b(h.tobytes(), digest_size=4).digest(), "little") for h in halves],
+        [int.from_bytes(hashlib.blake2b(row.data, digest_size=4).digest(), "little") for row in rows],
         dtype=torch.int64,
     )
 

@@ -299,3 +299,21 @@ def test_mixed_targets_match_formula_and_timm():
     # timm's batch Mixup pairs each sample with the flipped batch under one lambda: same numbers.
     flipped = mixed_targets(label, label.flip(0), torch.full((4,), 0.3), num_classes=10, smoothing=0.1)
     torch.testing.assert_close(flipped, mixup_target(label, 10, lam=0.3, smoothing=0.1))
+
+
+def test_view_digest_is_pinned():
+    """The digest binds existing stores: blake2b-32 of float16 pixels (little endian), float32 -0.0 as +0.0.
+
+    The constants were computed with the first definition, (x + 0.0).to(float16); a float32 -1e-9 rounds
+    to a float16 -0.0 and keeps its sign, so it differs from +0.0.
+    """
+    x = torch.linspace(-3, 3, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    x[0, 0, 0, :3] = torch.tensor([-0.0, -1e-9, 1e-9])
+    x[1, 2, 3, 3] = -0.0
+    assert view_digest(x).tolist() == [3671270465, 2333853036]
+    signless = x.clone()
+    signless[0, 0, 0, 0] = signless[1, 2, 3, 3] = 0.0
+    assert torch.equal(view_digest(signless), view_digest(x))
+    underflow_sign = x.clone()
+    underflow_sign[0, 0, 0, 1] = 0.0
+    assert view_digest(underflow_sign).tolist() == [2393573723, 2333853036]
