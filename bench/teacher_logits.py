@@ -1,7 +1,7 @@
 """Views/s of `deit-pipe teacher-logits` next to the bare teacher forward, and the store's bytes per view.
 
     python bench/teacher_logits.py [--teacher regnety_016] [--img-size 224] [--images 320] [--views 2]
-                                   [--batch-size 32] [--workers 0] [--threads 2] [--repeats 2]
+                                   [--batch-size 32] [--workers 0] [--threads 2] [--repeats 3]
 
 Throughput, for each setting: `stages.teacher_logits.run` in this process (shards -> views rebuilt by
 --workers loader processes -> teacher -> top-k -> Zarr store; the whole call, store layout included)
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the teacher")
     ap.add_argument("--demo-images", type=int, default=200)
     ap.add_argument("--demo-views", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate runs of each; the best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="alternate runs of each; the best counts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
