@@ -1,22 +1,27 @@
 """Views/s of `deit-pipe teacher-logits` next to the bare teacher forward, and the store's bytes per view.
 
     python bench/teacher_logits.py [--teacher regnety_016] [--img-size 224] [--images 320] [--views 2]
-                                   [--batch-size 32] [--workers 0] [--threads 2] [--repeats 3]
+                                   [--batch-size 32] [--cores N] [--loader-workers 1] [--repeats 3]
 
-Throughput, for each setting: `stages.teacher_logits.run` in this process (shards -> views rebuilt by
---workers loader processes -> teacher -> top-k -> Zarr store; the whole call, store layout included)
-against the same teacher's forward alone on pre-made tensors (same model, batch, device, threads, fp32),
-run alternately --repeats times each (the machine may be shared: every run is printed, the best of each
-counts). The stage's timing includes its start-up (teacher creation, loader worker start, the first
-batch of views), a fixed cost a real run spreads over 1.28 M images; 640 views keep it to a few percent
-here (80 images gave 0.89 where 320 give 0.94 on the 2-core machine). Loader workers default to 0:
-when the teacher runs on every core, as on this CPU machine, a loader process only preempts its
-threads (one run with 1 worker: 0.75 to 0.94 between runs, against 0.96 without); on a GPU machine,
-where the cores are free for views, pass --workers.
+Throughput: `stages.teacher_logits.run` in this process (shards -> views rebuilt from the shards ->
+teacher -> top-k -> Zarr store; the whole call, start-up and store layout included) against the same
+teacher's forward alone on pre-made tensors (same model, batch, device, threads, fp32), run alternately
+--repeats times each (the machine may be shared: every run is printed, the best of each counts).
+The stage's timing includes its start-up (teacher creation, the first batch of views, the first
+forward's warm-up), a fixed cost a real run spreads over 1.28 M images; 640 views keep it to about 2%.
 
-Two settings: the real-size one (a RegNetY at 224 px, random weights: the cost is the
-architecture's, not the weights') and the demo's (regnetx_002 at 32 px, where the teacher is so cheap that
-rebuilding views dominates).
+Rebuilding a 224 px view costs about 3 ms of CPU (timm's transforms, the mix, the pixel digest); the
+teacher takes the rest. Two layouts of the machine's --cores:
+- split (the goal's): the teacher gets all cores but --loader-workers, and that many loader processes
+  rebuild the views on the others. This is a GPU node's layout, where the teacher runs on the device and
+  the views on cores it does not use: the ratio shows whether the stage keeps the teacher busy.
+- shared: the teacher gets every core and the views are rebuilt between its batches (0 workers). On a
+  CPU-only machine this gives the most views/s, but the view work adds to the teacher's (about 0.93
+  here on 2 cores); a loader process on the teacher's cores only preempts its threads.
+
+Real-size is a RegNetY at 224 px (random weights: the cost is the architecture's, not the weights');
+the demo's setting (regnetx_002 at 32 px, split layout) shows a teacher so cheap that rebuilding views
+dominates.
 
 Bytes per view at k=10, two stores: the Fashion-MNIST store of the real-size run (10 classes: the top-10
 is every class) and a store with ImageNet's shape (1000 classes, 1000 samples per shard) written through
@@ -28,6 +33,7 @@ view's real lambda (ViewMaker.mix_params), over N(0, 1.5) for the other classes;
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -72,15 +78,16 @@ def stage_views_per_s(shards: str, store: str, teacher: str, img_size: int, view
 
 
 def compare(label: str, shards: str, store: str, teacher: str, img_size: int, views: int, batch_size: int,
-            workers: int, repeats: int) -> None:
+            threads: int, workers: int, repeats: int) -> None:
     """Raw forward and stage alternately, `repeats` times each (a fresh store each time): best of each."""
+    torch.set_num_threads(threads)
     n = ShardManifest.load(shards, "train").num_samples * views
     raw, staged = [], []
     for r in range(repeats):
         raw.append(raw_forward_views_per_s(teacher, img_size, batch_size, n))
         staged.append(stage_views_per_s(shards, f"{store}-{r}", teacher, img_size, views, batch_size, workers))
-    print(f"{label}: {teacher} at {img_size} px, {n} views, batch {batch_size}, workers {workers}, "
-          f"threads {torch.get_num_threads()}, best of {repeats}")
+    print(f"{label}: {teacher} at {img_size} px, {n} views, batch {batch_size}, teacher threads {threads}, "
+          f"loader workers {workers}, best of {repeats}")
     print(f"  raw teacher forward   {max(raw):9.2f} views/s  (runs: {', '.join(f'{x:.2f}' for x in raw)})")
     print(f"  teacher-logits stage  {max(staged):9.2f} views/s  (runs: {', '.join(f'{x:.2f}' for x in staged)})")
     print(f"  ratio stage/raw ({label})  {max(staged) / max(raw):.3f}")
@@ -130,13 +137,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=320, help="Fashion-MNIST train images for the real-size run")
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=0, help="loader worker processes (view rebuilding)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the teacher")
+    ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                    help="cores to divide between the teacher and the loader (default: all this process may use)")
+    ap.add_argument("--loader-workers", type=int, default=1,
+                    help="loader processes of the split layout; the teacher gets the other cores")
     ap.add_argument("--demo-images", type=int, default=200)
     ap.add_argument("--demo-views", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="alternate runs of each; the best counts")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if not 0 < args.loader_workers < args.cores:
+        ap.error(f"--loader-workers must leave the teacher at least one of the {args.cores} cores")
+    split = (args.cores - args.loader_workers, args.loader_workers)  # (teacher threads, loader workers)
+    shared = (args.cores, 0)
 
     with tempfile.TemporaryDirectory(prefix="bench-teacher-logits-") as tmp:
         tmp = Path(tmp)
@@ -146,14 +158,17 @@ def main() -> None:
             shard_stage.run(str(tmp / name / "fm"), str(tmp / name / "shards"),
                             shard_stage.ShardOptions(samples_per_shard=max(1, images // 2)), 1, ctx)
 
-        compare("real-size", str(tmp / "real" / "shards"), str(tmp / "real" / "store"), args.teacher,
-                args.img_size, args.views, args.batch_size, args.workers, args.repeats)
-        compare("demo", str(tmp / "demo" / "shards"), str(tmp / "demo" / "store"), "regnetx_002", 32,
-                args.demo_views, args.batch_size, args.workers, args.repeats)
+        real, demo = str(tmp / "real" / "shards"), str(tmp / "demo" / "shards")
+        compare("real-size, split", real, str(tmp / "real" / "store-split"), args.teacher, args.img_size, args.views,
+                args.batch_size, *split, args.repeats)
+        compare("real-size, shared", real, str(tmp / "real" / "store-shared"), args.teacher, args.img_size,
+                args.views, args.batch_size, *shared, args.repeats)
+        compare("demo, split", demo, str(tmp / "demo" / "store-split"), "regnetx_002", 32, args.demo_views,
+                args.batch_size, *split, args.repeats)
 
         print(f"bytes per view at k={K} (store total incl. metadata and markers; per array in brackets):")
         for name, views in (("real", args.views), ("demo", args.demo_views)):
-            store = TeacherStore.open(str(tmp / name / "store-0"), "train")
+            store = TeacherStore.open(str(tmp / name / "store-split-0"), "train")
             manifest = ShardManifest.load(str(tmp / name / "shards"), "train")
             per_view = store.nbytes_stored() / (manifest.num_samples * views)
             print(f"  Fashion-MNIST {name} store, 10 classes, {manifest.samples_per_shard} samples/shard: "
