@@ -127,7 +127,10 @@ def teacher_logits(
     seed: Annotated[int, typer.Option(help="View recipe seed: views are a pure function of (seed, split, idx, view).")] = 0,
     recipe: RecipeJSON = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 64,
-    workers: Annotated[int, typer.Option(help="Loader worker processes per rank (decode + augment).")] = 2,
+    workers: Annotated[int, typer.Option(min=0, help=(
+        "Loader worker processes per rank (decode + augment), best on cores the teacher does not use. "
+        "With the teacher on CPU: leave them cores (torch threads, OMP_NUM_THREADS), or 0 to build the "
+        "views between teacher batches."))] = 2,
     device: Device = "cpu",
     precision: Annotated[str, typer.Option(help="Teacher precision: bf16 or fp32.")] = "bf16",
     split: Split = "train",
