@@ -58,13 +58,15 @@ def isolated_global_rngs():
     """
     global _saved_depth
     with _GLOBAL_RNG_LOCK:
-        saved = None if _saved_depth else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+        outermost = _saved_depth == 0
+        if outermost:
+            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         _saved_depth += 1
         try:
             yield
         finally:
             _saved_depth -= 1
-            if saved is not None:
+            if outermost:
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
                 torch.default_generator.set_state(saved[2])
