@@ -12,7 +12,8 @@ from pathlib import Path
 
 BENCHES = {
     "shard": ("bench/shard.py", "shard images/s vs tar -cf (copy mode)"),
-    "teacher-logits": ("bench/teacher_logits.py", "teacher-logits views/s vs raw teacher forward (goal >= 0.9 in the split layout)"),
+    "teacher-logits": ("bench/teacher_logits.py",
+                       "teacher-logits views/s vs raw teacher forward (goal >= 0.9 in the split layout)"),
     "train": ("bench/train.py", "student images/s: cached targets vs no distillation (goal >= 0.97)"),
 }
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from deit_pipe.pipeline.fashion_mnist import write_image_folder
 from deit_pipe.reporting.plots import plot_curves, read_jsonl
@@ -139,7 +140,7 @@ def write_results(out: str, cfg: DemoConfig, store: str) -> dict:
         with open(join(run_dir, "results.json")) as f:
             res = json.load(f)
         timing = _wall_time_file(out, name)
-        wall = float(open(timing).read()) if os.path.exists(timing) else None  # None: done outside the demo
+        wall = float(Path(timing).read_text()) if os.path.exists(timing) else None  # None: done outside the demo
         return {**res["final"], "wall_s": wall, "images_per_s": res["images_per_s"]}
 
     teacher_store = TeacherStore.open(store, "train")

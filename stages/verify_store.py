@@ -64,8 +64,9 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
     chosen = [committed[i] for i in sorted(rng.choice(len(committed), min(units, len(committed)), replace=False))]
     maker = ViewMaker(recipe, split)
     # The first batch of each chosen unit is enough to see drift.
-    dataset = ViewDataset(shards, maker, [stream_items(maker, manifest, [u], max_views_per_unit, 1, drop_last=False)[0]
-                                          for u in chosen])
+    dataset = ViewDataset(shards, maker, [
+        stream_items(maker, manifest, [u], max_views_per_unit, max_items=1, drop_last=False)[0] for u in chosen
+    ])
 
     digests_ok = views = top1_ok = 0
     max_ulps, kls = 0.0, []

@@ -310,7 +310,7 @@ def test_store_on_s3(shards, weights, reference, s3_bucket, capsys):
 
     # The student's loader joins the shards with the store on S3 by (idx, v).
     maker = ViewMaker(ViewRecipe(img_size=IMG), "train")
-    plan = stream_items(maker, ShardManifest.load(shards, "train"), [(3, 1)], 25, 1)
+    plan = stream_items(maker, ShardManifest.load(shards, "train"), [(3, 1)], 25, max_items=1)
     _, _, targets = ViewDataset(shards, maker, plan, store_url=store)[0]
     stored = TeacherStore.open(reference, "train").read_unit(3, 1)
     np.testing.assert_array_equal(targets.classes.numpy(), stored.classes[list(plan[0][0].positions)])
