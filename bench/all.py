@@ -6,6 +6,7 @@ Names pick which run (default all): `python bench/all.py train`.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,13 @@ BENCHES = {
 
 
 def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHES)} (default: all)")
+    chosen = ap.parse_args(argv).names or list(BENCHES)
+    unknown = [n for n in chosen if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHES)}")
     root = Path(__file__).resolve().parent.parent
-    chosen = [a for a in argv if a in BENCHES] or list(BENCHES)
     rows = []
     for name in chosen:
         script, what = BENCHES[name]
