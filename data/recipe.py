@@ -38,6 +38,9 @@ class ViewRecipe:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     smoothing: float = 0.1
+    # Consecutive views that share one mixing pairing: DeiT's 3 repeated-augmentation copies of an image are
+    # mixed with copies of one partner, and train's --repeats must divide this.
+    pairing_views: int = 3
     seed: int = 0
 
     def __post_init__(self):
@@ -53,6 +56,8 @@ class ViewRecipe:
                 raise InputError(f"recipe {name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.smoothing < 1.0:
             raise InputError(f"recipe smoothing must be in [0, 1), got {self.smoothing}")
+        if self.pairing_views < 1:
+            raise InputError(f"recipe pairing_views must be at least 1, got {self.pairing_views}")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise InputError("recipe mixup_alpha and cutmix_alpha must be >= 0")
 

@@ -1,12 +1,14 @@
 """Map-style datasets over shards: training views joined with the teacher store, and eval images.
 
 Map-style so the order is the plan's whatever the number of workers (and a resumed run can start at
-any item); each worker keeps the last shard (and store unit) it read, and plans visit one shard at a
-time, so a shard is read about once per worker.
+any item); each worker keeps the last two shards and the last few store units it read (a training batch
+can hold the end of one shard and the start of the next, in R views), and plans walk one shard at a time,
+so a shard is read about once per worker.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,17 +39,34 @@ class StoredTargets:
     lse: torch.Tensor  # [n] float32
 
 
+class RecentlyRead:
+    """The last `size` values read, by key: consecutive items of a plan mostly come from one shard."""
+
+    def __init__(self, size: int, read):
+        self.size, self.read = size, read
+        self._values: OrderedDict = OrderedDict()
+
+    def __getitem__(self, key):
+        if key not in self._values:
+            self._values[key] = self.read(key)
+            if len(self._values) > self.size:
+                self._values.popitem(last=False)
+        self._values.move_to_end(key)
+        return self._values[key]
+
+
 class ShardReader:
-    """The last shard read, kept: consecutive items of a plan mostly come from one shard."""
+    """A shard's samples in stored order; the last two shards read are kept."""
 
     def __init__(self, shards_root: str, split: str):
         self.shards_root, self.split = shards_root, split
-        self._cached: tuple[int, list[ShardSample]] | None = None
+        self._recent = RecentlyRead(2, self._read)
+
+    def _read(self, shard: int) -> list[ShardSample]:
+        return list(read_shard(shard_url(self.shards_root, self.split, shard)))
 
     def samples(self, shard: int) -> list[ShardSample]:
-        if self._cached is None or self._cached[0] != shard:
-            self._cached = (shard, list(read_shard(shard_url(self.shards_root, self.split, shard))))
-        return self._cached[1]
+        return self._recent[shard]
 
 
 class ViewDataset(Dataset):
@@ -59,17 +78,19 @@ class ViewDataset(Dataset):
         self.plan = plan
         self.store_url = store_url
         self._store: TeacherStore | None = None
-        self._unit: tuple[tuple[int, int], ViewRecord] | None = None
+        # Two shards' worth of one repeated-augmentation group's views (R <= 4 is the common case).
+        self._units = RecentlyRead(8, self._read_unit)
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def _record(self, shard: int, v: int) -> ViewRecord:
+    def _read_unit(self, unit: tuple[int, int]) -> ViewRecord:
         if self._store is None:  # opened in the worker: zarr handles do not travel between processes
             self._store = TeacherStore.open(self.store_url, self.maker.split)
-        if self._unit is None or self._unit[0] != (shard, v):
-            self._unit = ((shard, v), self._store.read_unit(shard, v))
-        return self._unit[1]
+        return self._store.read_unit(*unit)
+
+    def _record(self, shard: int, v: int) -> ViewRecord:
+        return self._units[(shard, v)]
 
     def _joined(self, piece: ViewPiece, batch: ViewBatch) -> StoredTargets:
         rec = self._record(piece.shard, piece.v)

@@ -3,8 +3,11 @@
 A view is made in three steps, each from its own key (a numpy SeedSequence hashed from its inputs):
 1. unmixed view of (idx, v): decode to RGB, then timm's DeiT train transform (RandomResizedCrop,
    flip, RandAugment, normalise, random erasing), key ("view", seed, split, idx, v);
-2. partner: the next sample in a permutation of the shard's positions, key ("pair", seed, split, shard, v),
-   so every partner is in the same image shard (a shard of one pairs a sample with itself);
+2. partner: the next sample in a permutation of the shard's positions, key ("pair", seed, split, shard,
+   v // pairing_views), so every partner is in the same image shard (a shard of one pairs a sample with
+   itself), and the views of one block of `pairing_views` share the pairing: repeated augmentation's R
+   copies of a sample are mixed with copies of one partner, as in DeiT, where a batch's mixing partner is
+   its mirror position and the copies of an image sit side by side;
 3. mix of the unmixed views of (idx, v) and (partner, v): Mixup or CutMix, lambda and box drawn like
    timm's per-element Mixup, key ("mix", seed, split, idx, v); CutMix lambda is 1 - clipped box area.
 
@@ -139,9 +142,11 @@ class ViewMaker:
     def _key(self, purpose: str, unit: int, v: int) -> np.random.SeedSequence:
         return view_key(purpose, self.recipe.seed, self.split, unit, v)
 
-    def _partner_positions(self, shard_index: int, n: int, v: int) -> np.ndarray:
+    def partner_positions(self, shard_index: int, n: int, v: int) -> np.ndarray:
+        """Partner position of each of a shard's n positions in view v: one cycle through all of them."""
+        block = v // self.recipe.pairing_views
         # Legacy RandomState: its permutation stream is frozen across numpy versions, Generator's is not.
-        order = np.random.RandomState(self._key("pair", shard_index, v).generate_state(4)).permutation(n)
+        order = np.random.RandomState(self._key("pair", shard_index, block).generate_state(4)).permutation(n)
         partner = np.empty(n, dtype=np.int64)
         partner[order] = np.roll(order, -1)
         return partner
@@ -149,7 +154,7 @@ class ViewMaker:
     def partners(self, shard_index: int, idxs: list[int], v: int) -> list[int]:
         """Partner idx of each idx; `idxs` are all of the shard's ids in stored (ascending) order."""
         _check_ascending(idxs)
-        return [idxs[p] for p in self._partner_positions(shard_index, len(idxs), v)]
+        return [idxs[p] for p in self.partner_positions(shard_index, len(idxs), v)]
 
     def unmixed(self, sample: ShardSample, v: int) -> torch.Tensor:
         """[3, H, W] float32: the view before mixing."""
@@ -184,7 +189,7 @@ class ViewMaker:
         idxs = [s.idx for s in samples]
         _check_ascending(idxs)
         positions = list(range(len(samples)) if positions is None else positions)
-        partner_pos = self._partner_positions(shard_index, len(samples), v)
+        partner_pos = self.partner_positions(shard_index, len(samples), v)
         size = self.recipe.img_size
         images = torch.empty((len(positions), 3, size, size), dtype=torch.float32)
         slot = {p: i for i, p in enumerate(positions)}
@@ -225,17 +230,19 @@ def _check_ascending(idxs: Sequence[int]) -> None:
         raise InputError("shard samples must be given in stored (ascending idx) order")
 
 
-def _cycle_order(positions: list[int], partner_pos: np.ndarray) -> list[int]:
-    """`positions` ordered along the pairing cycle (p, partner(p), partner(partner(p)), ...)."""
-    wanted = set(positions)
-    order = []
-    start = min(positions, default=0)
-    p = start
+def cycle_walk(partner_pos: np.ndarray, start: int = 0) -> list[int]:
+    """Every position along the pairing cycle from `start`: start, partner(start), partner(partner(start)), ..."""
+    order, p = [], start
     for _ in range(len(partner_pos)):
-        if p in wanted:
-            order.append(p)
+        order.append(p)
         p = int(partner_pos[p])
     return order
+
+
+def _cycle_order(positions: list[int], partner_pos: np.ndarray) -> list[int]:
+    """`positions` along the pairing cycle from the first of them (a run of the cycle keeps its order)."""
+    wanted = set(positions)
+    return [p for p in cycle_walk(partner_pos, positions[0] if positions else 0) if p in wanted]
 
 
 def view_digest(images: torch.Tensor) -> torch.Tensor:

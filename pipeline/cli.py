@@ -213,10 +213,15 @@ def train(
     num_heads: Annotated[Optional[int], typer.Option(help="ViT/DeiT attention heads override.")] = None,
     drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
     lr: Annotated[float, typer.Option(help="Learning rate per 512 images of global batch.")] = 5e-4,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup from --warmup-lr.")] = 5.0,
-    warmup_lr: Annotated[float, typer.Option(help="Learning rate at step 0.")] = 1e-6,
+    warmup_epochs: Annotated[int, typer.Option(
+        help="Linear warmup from --warmup-lr over these epochs (timm's cosine scheduler, stepped per epoch as in DeiT).")] = 5,
+    warmup_lr: Annotated[float, typer.Option(help="Learning rate of epochs 0 and 1 (DeiT steps the scheduler after "
+                                             "each epoch).")] = 1e-6,
     min_lr: Annotated[float, typer.Option(help="Cosine floor.")] = 1e-5,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.05,
+    lr_per_step: Annotated[bool, typer.Option(
+        help="Evaluate the schedule at every step's fractional epoch instead of once per epoch (DeiT).")] = False,
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW weight decay; none on model.no_weight_decay() (pos_embed, cls/dist tokens), biases, norms.")] = 0.05,
     zero: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0-3.")] = 2,
     precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
     ds_config: Annotated[Optional[str], typer.Option(help="DeepSpeed JSON whose keys override ours.")] = None,
@@ -242,7 +247,7 @@ def train(
         teacher_online=teacher_online, teacher_weights=teacher_weights, teacher_precision=teacher_precision,
         epochs=epochs, repeats=repeats, seed=seed, img_size=img_size, recipe_overrides=recipe_overrides(recipe),
         engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
-        schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs), weight_decay=weight_decay,
+        schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs, lr_per_step), weight_decay=weight_decay,
         workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
         max_steps=max_steps,
     )

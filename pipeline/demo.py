@@ -105,7 +105,7 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
     _unless_done(out, "teacher", join(teacher_dir, "results.json"), lambda: _cli(
         "train", shards, "-o", teacher_dir, "--resume", "--model", cfg.teacher, "--distillation", "none",
         # fp32: bf16 buys a net this small no speed on a CPU, and fp32 keeps the teacher exact.
-        "--epochs", str(cfg.teacher_epochs), "--repeats", "1", "--warmup-epochs", "1", "--precision", "fp32",
+        "--epochs", str(cfg.teacher_epochs), "--repeats", "1", "--warmup-epochs", "1", "--lr-per-step", "--precision", "fp32",
         "--lr", str(cfg.teacher_lr), "--recipe", cfg.teacher_recipe, *common, ranks=cfg.ranks))
 
     # A store can exist half-computed: the step is done when the command that completes it returned.
@@ -125,7 +125,7 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
         _unless_done(out, name, join(run_dir, "results.json"), lambda: _cli(
             "train", shards, "-o", run_dir, "--resume", "--model", cfg.student[0], *cfg.student[1:], "--distillation",
             distillation, *teacher_args, "--epochs", str(cfg.student_epochs), "--repeats", str(cfg.repeats),
-            "--warmup-epochs", "1", "--precision", "bf16", "--lr", str(cfg.lr), *common, ranks=cfg.ranks))
+            "--warmup-epochs", "1", "--lr-per-step", "--precision", "bf16", "--lr", str(cfg.lr), *common, ranks=cfg.ranks))
 
     return write_results(out, cfg, store)
 

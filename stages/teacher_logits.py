@@ -20,7 +20,7 @@ from tqdm import tqdm
 import deit_pipe
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
-from deit_pipe.data.view_plan import stream_items
+from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
@@ -112,8 +112,8 @@ def run(
     done = store.committed_units()
     units = [(s, v) for s in ctx.my_units(list(range(manifest.num_shards))) for v in range(views) if (s, v) not in done]
     maker = ViewMaker(recipe, split)
-    # Batches run across unit boundaries, so the teacher always sees full batches (but the last).
-    dataset = ViewDataset(shards, maker, stream_items(maker, manifest, units, batch_size, drop_last=False))
+    # Batches stay inside a unit, so the store's bytes do not depend on how ranks or resumes split the units.
+    dataset = ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
 
     pending: dict[tuple[int, int], UnitBuffer] = {}

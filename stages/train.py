@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.schedule import rank_units, steps_per_epoch, views_needed
+from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_needed
 from deit_pipe.data.view_dataset import EvalDataset, StoredTargets, ViewDataset
-from deit_pipe.data.view_plan import stream_items
 from deit_pipe.data.views import ViewBatch, ViewMaker, mixed_targets
 from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.context import RankContext
@@ -48,7 +47,7 @@ from deit_pipe.models.export import export_safetensors
 from deit_pipe.models.registry import (
     create_student, create_teacher, head_logits, is_distilled, is_vit, set_distilled_training,
 )
-from deit_pipe.optim.schedule import LRSchedule, adamw, set_lr
+from deit_pipe.optim.schedule import LRSchedule, adamw
 from deit_pipe.reporting.plots import plot_training, read_jsonl
 from deit_pipe.stages.verify_store import open_bound_store
 from deit_pipe.storage.location import exists, is_local, put_atomic
@@ -98,11 +97,14 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | N
     starting any rank and each rank runs it again."""
     cfg.engine.config()  # refuses a bad --zero, --precision or --ds-config
     manifest = ShardManifest.load(cfg.shards, "train")
-    if manifest.num_shards // cfg.repeats < world_size:
+    if cfg.repeats < 1:
+        raise InputError(f"--repeats must be at least 1, not {cfg.repeats}")
+    # The epochs of a group differ by at most R views; the smallest decides.
+    plan = min((epoch_plan(cfg, manifest, world_size, e) for e in range(cfg.repeats)), key=lambda p: p.steps)
+    if plan.steps == 0:
         raise InputError(
-            f"{manifest.num_shards} shards with --repeats {cfg.repeats} give some epochs only "
-            f"{manifest.num_shards // cfg.repeats} shards for {world_size} ranks: shard with a smaller "
-            f"--samples-per-shard, use fewer --repeats or fewer ranks"
+            f"epoch {plan.epoch} holds {plan.num_elements} views, fewer than one optimizer step of {world_size} ranks x "
+            f"--batch-size {cfg.engine.micro_batch} x --grad-accum {cfg.engine.grad_accum}: use a smaller batch"
         )
     if not is_local(cfg.output):
         raise InputError(f"--output {cfg.output} must be a local or shared-filesystem path (DeepSpeed checkpoints)")
@@ -119,18 +121,25 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | N
     if cfg.distillation == "none" or cfg.teacher_online:
         if cfg.store:
             raise InputError("--logits is for cached distillation; drop it with --distillation none or --teacher-online")
-        return ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed).with_overrides(cfg.recipe_overrides), None
+        recipe = ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed).with_overrides(cfg.recipe_overrides)
+        check_pairing(cfg.repeats, recipe.pairing_views)
+        return recipe, None
     if not cfg.store:
         raise InputError(f"--distillation {cfg.distillation} needs --logits STORE (or --teacher-online NAME)")
     _, store, recipe = open_bound_store(cfg.shards, cfg.store, "train")
     if cfg.img_size is not None and cfg.img_size != recipe.img_size:
         raise InputError(f"--img-size {cfg.img_size} conflicts with the store's recipe (img_size {recipe.img_size})")
     recipe.refuse_conflicts(cfg.recipe_overrides, "--recipe", "the store's recipe")
+    check_pairing(cfg.repeats, recipe.pairing_views)
     needed = views_needed(cfg.epochs, cfg.repeats)
     if needed > store.num_views and not cfg.allow_view_reuse:
         raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
                          f"{store.num_views} (run `deit-pipe teacher-logits --views {needed}` or pass --allow-view-reuse)")
     return recipe, store.num_views
+
+
+def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch: int) -> EpochPlan:
+    return EpochPlan(manifest.num_samples, epoch, cfg.repeats, world_size, cfg.engine.micro_batch, cfg.engine.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,7 @@ class StudentRun:
             cfg.engine.config(load_universal=self.universal),
         )
         self.dtype = deepspeed_engine.input_dtype(self.engine)
+        self.lr_scheduler = cfg.schedule.scheduler(self.engine.optimizer)
 
     def build_student(self) -> torch.nn.Module:
         s = self.cfg.student
@@ -207,14 +217,12 @@ class StudentRun:
     # -- data ---------------------------------------------------------------------------------------
 
     def steps_in(self, epoch: int) -> int:
-        return steps_per_epoch(self.manifest, epoch, self.cfg.repeats, self.cfg.seed, self.ctx.world_size,
-                               self.cfg.engine.micro_batch, self.cfg.engine.grad_accum)
+        return epoch_plan(self.cfg, self.manifest, self.ctx.world_size, epoch).steps
 
     def train_loader(self, epoch: int, start_step: int) -> DataLoader:
         cfg = self.cfg
-        units = rank_units(self.manifest, epoch, cfg.repeats, cfg.seed, self.ctx.rank, self.ctx.world_size,
-                           self.store_views, cfg.allow_view_reuse)
-        plan = stream_items(self.maker, self.manifest, units, cfg.engine.micro_batch, self.steps_in(epoch))
+        plan = rank_items(self.maker, self.manifest, epoch_plan(cfg, self.manifest, self.ctx.world_size, epoch),
+                          self.ctx.rank, cfg.seed, self.store_views, cfg.allow_view_reuse)
         store_url = cfg.store if self.store_views is not None else None
         dataset = ViewDataset(cfg.shards, self.maker, plan, store_url)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=cfg.workers,
@@ -240,7 +248,7 @@ class StudentRun:
         # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
         # resumed run draws what the unbroken run drew.
         torch.manual_seed(hash_seed(cfg.seed, epoch, step, self.ctx.rank))
-        set_lr(self.engine.optimizer, cfg.schedule.at(epoch + step / max(self.steps_in(epoch), 1), self.global_batch))
+        self.lr_scheduler.step(cfg.schedule.position(epoch, step, self.steps_in(epoch)))
         images = batch.images.to(self.device, non_blocking=True)
         targets = mixed_targets(batch.label, batch.partner_label, batch.lam, self.num_classes, self.recipe.smoothing)
         teacher = self.teacher_targets(images, stored)

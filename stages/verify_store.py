@@ -15,7 +15,7 @@ import torch
 
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
-from deit_pipe.data.view_plan import stream_items
+from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import reconstruction_kl
@@ -64,9 +64,8 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
     chosen = [committed[i] for i in sorted(rng.choice(len(committed), min(units, len(committed)), replace=False))]
     maker = ViewMaker(recipe, split)
     # The first batch of each chosen unit is enough to see drift.
-    dataset = ViewDataset(shards, maker, [
-        stream_items(maker, manifest, [u], max_views_per_unit, max_items=1, drop_last=False)[0] for u in chosen
-    ])
+    dataset = ViewDataset(shards, maker, [unit_items(maker, manifest, [u], max_views_per_unit, max_items=1)[0]
+                                          for u in chosen])
 
     digests_ok = views = top1_ok = 0
     max_ulps, kls = 0.0, []

@@ -1,20 +1,27 @@
-"""The epoch -> view schedule (DESIGN invariant 4): pure functions of the manifest, (seed, epoch) and world."""
+"""The epoch -> view schedule (DESIGN invariant 4): DeiT's RASampler placement over whole shards.
+
+The expectations are derived here from DeiT's samplers.py, not from the code under test: RASampler repeats
+each index R times side by side and deals the list round-robin to the ranks, so with at least R ranks the
+R copies of an image sit on R different ranks at the same local position (the same step), and with fewer
+ranks several copies share one rank's batch; an epoch keeps about N of the R*N copies.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import pytest
 
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.schedule import epoch_shards, epoch_views, rank_units, steps_per_epoch, views_needed
-from deit_pipe.data.view_plan import stream_items
+from deit_pipe.data.schedule import EpochPlan, epoch_views, rank_items, teams, views_needed
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.errors import InputError
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.shards import ShardInfo
 
 SAMPLES_PER_SHARD = 25
+IMAGENET_TRAIN = 1_281_167
 
 
 def manifest(num_samples: int = 290) -> ShardManifest:
@@ -25,6 +32,23 @@ def manifest(num_samples: int = 290) -> ShardManifest:
     return ShardManifest("train", [str(c) for c in range(10)], num_samples, SAMPLES_PER_SHARD, 0, shards)
 
 
+MAKER = ViewMaker(ViewRecipe(img_size=32, pairing_views=6), "train")  # serves R = 1, 2, 3, 6
+
+
+def placements(m: ShardManifest, epoch: int, repeats: int, world: int, batch: int, seed: int = 0):
+    """{(idx, v): [(rank, step), ...]} for every view the epoch's plan uses, and the plans themselves."""
+    plan = EpochPlan(m.num_samples, epoch, repeats, world, batch)
+    where: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    items = {}
+    for rank in range(world):
+        items[rank] = rank_items(MAKER, m, plan, rank, seed, None)
+        for step, item in enumerate(items[rank]):
+            for piece in item:
+                for pos in piece.positions:
+                    where[(m.shard_range(piece.shard)[pos], piece.v)].append((rank, step))
+    return plan, where, items
+
+
 @pytest.mark.parametrize("epochs,repeats", [(1, 1), (5, 1), (3, 3), (4, 3), (300, 3), (7, 2)])
 def test_epochs_use_ceil_e_over_r_times_r_views(epochs, repeats):
     used = {v for e in range(epochs) for v in epoch_views(e, repeats, None, False)}
@@ -32,66 +56,128 @@ def test_epochs_use_ceil_e_over_r_times_r_views(epochs, repeats):
     assert used == set(range(views_needed(epochs, repeats)))
 
 
-@pytest.mark.parametrize("repeats", [1, 2, 3])
-def test_each_group_visits_every_shard_once_with_distinct_views(repeats):
-    m = manifest()
-    for group in range(3):
-        seen: dict[int, list[int]] = {}  # shard -> views it was read with in this group
-        for epoch in range(group * repeats, (group + 1) * repeats):
-            for rank in range(2):
-                for shard, v in rank_units(m, epoch, repeats, 0, rank, 2, None):
-                    seen.setdefault(shard, []).append(v)
-        assert sorted(seen) == list(range(m.num_shards))  # every shard in the group ...
-        for views in seen.values():  # ... in one epoch only, with R distinct views of each of its samples
-            assert sorted(views) == list(range(group * repeats, (group + 1) * repeats))
+@pytest.mark.parametrize("world,repeats", [(1, 1), (1, 3), (2, 3), (3, 3), (4, 3), (5, 3), (7, 3), (6, 2), (3, 1)])
+def test_a_group_of_r_epochs_uses_each_sample_r_times_once_per_view(world, repeats):
+    """Over a group, each (idx, v) with v in the group's views appears at most once, and all but at most one
+    global micro batch per epoch appear; each epoch holds about N views (N/R images x R copies)."""
+    m, batch = manifest(), 4
+    seen: set[tuple[int, int]] = set()
+    for epoch in range(repeats, 2 * repeats):  # the second group: views R..2R-1
+        plan, where, _ = placements(m, epoch, repeats, world, batch)
+        assert all(len(w) == 1 for w in where.values())
+        assert seen.isdisjoint(where)
+        seen |= set(where)
+        assert plan.num_elements in (m.num_samples // repeats * repeats, -(-m.num_samples // repeats) * repeats)
+        assert len(where) > plan.num_elements - world * batch
+    assert {v for _, v in seen} == set(range(repeats, 2 * repeats))
+    assert len(seen) >= m.num_samples * repeats - repeats * world * batch
 
 
-def test_ranks_read_disjoint_shards_of_the_epoch():
-    m = manifest()
-    units = [rank_units(m, 4, 3, 0, rank, 3, None) for rank in range(3)]
-    shards = [{s for s, _ in u} for u in units]
-    assert set.union(*shards) == set(epoch_shards(m.num_shards, 4, 3, 0))
-    assert sum(len(s) for s in shards) == len(set.union(*shards))
+@pytest.mark.parametrize("world", [3, 4, 5, 6, 8])
+def test_copies_share_a_step_on_r_different_ranks(world):
+    """World >= R: RASampler's placement, the copies of an image on R ranks in one step."""
+    plan, where, _ = placements(manifest(600), 0, 3, world, 8)
+    by_sample: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for (idx, _v), w in where.items():
+        by_sample[idx] += w
+    together = [s for s, w in by_sample.items() if len(w) == 3 and len({r for r, _ in w}) == 3
+                and len({step for _, step in w}) == 1]
+    # Only samples cut by a team's or a step's edge may be split.
+    assert len(together) >= 0.9 * len(by_sample)
+    for w in by_sample.values():  # never two copies in one rank's batch
+        assert len(set(w)) == len(w)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_rank_gets_the_same_number_of_full_steps(world):
-    m, maker, batch = manifest(), ViewMaker(ViewRecipe(img_size=32), "train"), 8
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_world_smaller_than_r_puts_copies_in_one_batch(world):
+    plan, where, _ = placements(manifest(600), 1, 3, world, 12)
+    by_sample: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for (idx, _v), w in where.items():
+        by_sample[idx] += w
+    steps_of = [{step for _, step in w} for w in by_sample.values() if len(w) == 3]
+    assert sum(len(s) == 1 for s in steps_of) >= 0.9 * len(by_sample)
+    if world == 1:
+        assert all(len(s) == 1 for s in steps_of)  # one rank: the three copies in one batch
+
+
+@pytest.mark.parametrize("num_samples,world", [(25, 1), (25, 2), (7, 1), (290, 7)])
+def test_any_number_of_shards_works_a_single_one_included(num_samples, world):
+    m = manifest(num_samples)
     for epoch in range(3):
-        steps = steps_per_epoch(m, epoch, 3, 0, world, batch)
-        assert steps > 0
-        for rank in range(world):
-            plan = stream_items(maker, m, rank_units(m, epoch, 3, 0, rank, world, None), batch, steps)
-            assert len(plan) == steps
-            assert all(sum(len(p.positions) for p in item) == batch for item in plan)
+        plan, where, items = placements(m, epoch, 3, world, 2)
+        assert plan.steps > 0
+        assert all(len(items[r]) == plan.steps for r in range(world))
+        assert all(sum(len(p.positions) for p in item) == 2 for r in range(world) for item in items[r])
 
 
-def test_steps_are_whole_gradient_accumulations():
-    m = manifest()
-    for accum in (1, 2, 4):
-        steps = steps_per_epoch(m, 0, 3, 0, 2, 8, accum)
-        assert steps % accum == 0
-        assert steps >= steps_per_epoch(m, 0, 3, 0, 2, 8) - accum + 1
+@pytest.mark.parametrize("world,repeats,batch", [(1, 3, 8), (3, 3, 8), (4, 3, 6), (8, 3, 4), (2, 1, 5)])
+def test_ranks_read_few_shards_and_rebuild_few_unmixed_views(world, repeats, batch):
+    """Each rank walks runs of one shard's cycle in one view: few shards per rank (O(shards) reads in all),
+    few runs per batch (n + 1 unmixed views per run of n)."""
+    m = manifest(600)
+    plan, _, items = placements(m, 0, repeats, world, batch)
+    team_size = max(len(t) for t in teams(world, repeats))
+    shards_per_team = plan.num_elements / repeats / SAMPLES_PER_SHARD / len(teams(world, repeats))
+    for r in range(world):
+        shards_read = {p.shard for item in items[r] for p in item}
+        assert len(shards_read) <= shards_per_team + 2
+        runs = sum(len(item) for item in items[r])
+        # A piece of B elements covers at most ceil(B / row) + 1 copy rows, row = team_size * B / R.
+        rows = math.ceil(batch / max(team_size * batch // repeats, 1)) + 1
+        assert runs <= plan.steps * rows + len(shards_read) * repeats * 2
+    total_reads = sum(len({p.shard for item in items[r] for p in item}) for r in range(world))
+    assert total_reads <= team_size * (m.num_shards / repeats + 2) * len(teams(world, repeats))
+
+
+@pytest.mark.parametrize("world", range(1, 513))
+def test_at_imagenet_scale_an_epoch_uses_995_permille_of_its_views(world):
+    """Pure arithmetic: ImageNet's 1,281,167 samples, R = 3, a per-rank batch of 8 (global up to 4,096)."""
+    for epoch in range(3):
+        plan = EpochPlan(IMAGENET_TRAIN, epoch, 3, world, 8)
+        used = plan.steps * plan.batch * world
+        assert used >= 0.995 * plan.num_elements
+        assert abs(plan.num_elements - IMAGENET_TRAIN) <= 3
+        starts = [plan.team_of(t.start)[1] for t in plan.teams]
+        sizes = [len(t) for t in plan.teams]
+        assert sum(sizes) == world and all(s >= min(3, world) for s in sizes)
+        assert starts == [sum(sizes[:i]) * plan.quota for i in range(len(sizes))]  # contiguous, disjoint
+
+
+@pytest.mark.parametrize("world", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_deits_1024_global_batch_uses_995_permille(world, grad_accum):
+    batch = 1024 // world // grad_accum
+    for epoch in range(3):
+        plan = EpochPlan(IMAGENET_TRAIN, epoch, 3, world, batch, grad_accum)
+        assert plan.steps % grad_accum == 0
+        assert plan.steps * batch * world >= 0.995 * plan.num_elements
 
 
 def test_order_is_deterministic_from_seed_and_epoch():
     m = manifest()
-    assert rank_units(m, 2, 3, 7, 1, 2, None) == rank_units(m, 2, 3, 7, 1, 2, None)
-    other_seed = rank_units(m, 2, 3, 8, 1, 2, None)
-    other_epoch = rank_units(m, 5, 3, 7, 1, 2, None)
-    assert rank_units(m, 2, 3, 7, 1, 2, None) != other_seed
-    assert [s for s, _ in rank_units(m, 2, 3, 7, 1, 2, None)] != [s for s, _ in other_epoch]
+    plan = EpochPlan(m.num_samples, 2, 3, 2, 4)
+    first = rank_items(MAKER, m, plan, 1, 7, None)
+    assert first == rank_items(MAKER, m, plan, 1, 7, None)
+    assert first != rank_items(MAKER, m, plan, 1, 8, None)
+    other_group = rank_items(MAKER, m, EpochPlan(m.num_samples, 5, 3, 2, 4), 1, 7, None)
+    assert [p.shard for i in first for p in i] != [p.shard for i in other_group for p in i]
 
 
 def test_past_the_stored_views_is_refused_unless_reuse_is_asked():
     assert epoch_views(5, 3, 6, False) == [3, 4, 5]
     with pytest.raises(InputError, match="needs view 8 but the teacher store has 6 views"):
         epoch_views(6, 3, 6, False)
-    assert epoch_views(6, 3, 6, True) == [0, 1, 2]  # explicit opt-in: wraps around
+    assert epoch_views(6, 3, 6, True) == [0, 1, 2]  # explicit opt-in: wraps whole groups
+    assert epoch_views(9, 3, 7, True) == [3, 4, 5]
+    m = manifest()
     with pytest.raises(InputError, match="teacher store has 6 views"):
-        rank_units(manifest(), 7, 3, 0, 0, 1, 6)
+        rank_items(MAKER, m, EpochPlan(m.num_samples, 7, 3, 1, 4), 0, 0, 6)
 
 
-def test_too_few_shards_for_the_ranks_is_refused():
-    with pytest.raises(InputError, match="shards for 3 ranks"):
-        rank_units(manifest(50), 0, 1, 0, 0, 3, None)
+def test_repeats_must_divide_the_recipes_pairing_views():
+    m = manifest()
+    deit = ViewMaker(ViewRecipe(img_size=32), "train")  # pairing_views 3: R = 1 or 3
+    with pytest.raises(InputError, match="--repeats 2 .* pairing_views is 3"):
+        rank_items(deit, m, EpochPlan(m.num_samples, 0, 2, 1, 4), 0, 0, None)
+    assert rank_items(deit, m, EpochPlan(m.num_samples, 0, 3, 1, 4), 0, 0, None)
+    assert rank_items(MAKER, m, EpochPlan(m.num_samples, 0, 2, 1, 4), 0, 0, None)

@@ -23,7 +23,7 @@ import torch
 
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
-from deit_pipe.data.view_plan import stream_items
+from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.models.export import export_safetensors
@@ -310,7 +310,7 @@ def test_store_on_s3(shards, weights, reference, s3_bucket, capsys):
 
     # The student's loader joins the shards with the store on S3 by (idx, v).
     maker = ViewMaker(ViewRecipe(img_size=IMG), "train")
-    plan = stream_items(maker, ShardManifest.load(shards, "train"), [(3, 1)], 25, max_items=1)
+    plan = unit_items(maker, ShardManifest.load(shards, "train"), [(3, 1)], 25, max_items=1)
     _, _, targets = ViewDataset(shards, maker, plan, store_url=store)[0]
     stored = TeacherStore.open(reference, "train").read_unit(3, 1)
     np.testing.assert_array_equal(targets.classes.numpy(), stored.classes[list(plan[0][0].positions)])

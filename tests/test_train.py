@@ -24,9 +24,8 @@ import safetensors.torch
 import torch
 
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.schedule import rank_units, steps_per_epoch
+from deit_pipe.data.schedule import EpochPlan, rank_items
 from deit_pipe.data.view_dataset import ViewDataset
-from deit_pipe.data.view_plan import stream_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.loss.teacher_targets import TeacherTargets
 from deit_pipe.models.export import export_safetensors
@@ -122,8 +121,7 @@ def test_cached_targets_equal_the_online_teacher_on_the_same_views(data):
     """The loader's stored targets vs the teacher run on the very batch the loader yields."""
     manifest = ShardManifest.load(data["shards"], "train")
     maker = ViewMaker(ViewRecipe(img_size=32), "train")
-    steps = steps_per_epoch(manifest, 3, 3, 0, 1, 16)
-    plan = stream_items(maker, manifest, rank_units(manifest, 3, 3, 0, 0, 1, VIEWS), 16, steps)
+    plan = rank_items(maker, manifest, EpochPlan(manifest.num_samples, 3, 3, 1, 16), 0, 0, VIEWS)
     teacher, _ = create_teacher("regnetx_002", 10, data["weights"])
     dataset = ViewDataset(data["shards"], maker, plan, data["store"])
     for i in (0, len(dataset) - 1):  # a batch spanning views 3.. of epoch 3 (second group)
