@@ -2,7 +2,9 @@
 
 Defaults are DeiT's (Touvron et al., 2021, main.py): RandomResizedCrop bicubic, flip, RandAugment
 rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel), Mixup 0.8 / CutMix 1.0 with switch prob 0.5,
-label smoothing 0.1. The recipe is a plain value: CLI code elsewhere builds it.
+label smoothing 0.1. Small images (img_size <= 32, CIFAR's size) follow DeiT's build_transform: a random
+crop with 4 px of padding instead of the random resized crop, and evaluation without resizing. The
+recipe is a plain value: CLI code elsewhere builds it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import transforms
 
 from deit_pipe.errors import InputError
 
 _TUPLE_FIELDS = ("mean", "std", "scale", "ratio")
+SMALL_IMAGES = 32  # DeiT's threshold: at or below it, no resizing
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class ViewRecipe:
 
     def train_transform(self):
         """timm's DeiT train transform of a PIL RGB image, up to random erasing (mixing comes after)."""
-        return create_transform(
+        transform = create_transform(
             input_size=self.img_size,
             is_training=True,
             scale=self.scale,
@@ -111,13 +115,20 @@ class ViewRecipe:
             re_mode=self.remode,
             re_count=self.recount,
         )
+        if self.img_size <= SMALL_IMAGES:
+            transform.transforms[0] = transforms.RandomCrop(self.img_size, padding=4, pad_if_needed=True)
+        return transform
 
     def eval_transform(self):
-        """timm's eval transform (resize to img_size/0.875, center crop, normalise) for validation images."""
-        return create_transform(
+        """timm's eval transform (resize to img_size/0.875, center crop, normalise) for validation images;
+        small images are not resized (DeiT), only padded to img_size when smaller (28 px Fashion-MNIST)."""
+        transform = create_transform(
             input_size=self.img_size,
             is_training=False,
             interpolation=self.interpolation,
             mean=self.mean,
             std=self.std,
         )
+        if self.img_size <= SMALL_IMAGES:
+            transform.transforms[:2] = [transforms.CenterCrop(self.img_size)]
+        return transform

@@ -44,10 +44,9 @@ from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import TeacherTargets
 from deit_pipe.models.export import export_safetensors
-from deit_pipe.models.registry import (
-    create_student, create_teacher, head_logits, is_distilled, is_vit, set_distilled_training,
-)
+from deit_pipe.models.registry import create_student, create_teacher, is_distilled, is_vit, set_distilled_training
 from deit_pipe.optim.schedule import LRSchedule, adamw
+from deit_pipe.reporting import metrics
 from deit_pipe.reporting.plots import plot_training, read_jsonl
 from deit_pipe.stages.verify_store import open_bound_store
 from deit_pipe.storage.location import exists, is_local, put_atomic
@@ -259,11 +258,6 @@ class StudentRun:
         self.engine.step()
         return loss.item()
 
-    def mean_over_ranks(self, values: list[float]) -> float:
-        total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-        dist.all_reduce(total)
-        return total[0].item() / max(total[1].item(), 1.0)
-
     def full_parameters(self):
         """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards,
         and the eval heads and the digest touch the module outside the engine's forward."""
@@ -271,7 +265,6 @@ class StudentRun:
 
         return GatheredParameters(list(self.engine.module.parameters()), enabled=self.cfg.engine.zero == 3)
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """top-1/top-5 of the averaged heads and of each head, over the whole val split (all ranks)."""
         if self.val is None:
@@ -279,22 +272,12 @@ class StudentRun:
         module = self.engine.module
         shards = self.ctx.my_units(list(range(self.val.num_shards)))
         data = EvalDataset(self.cfg.shards, self.val, shards, self.recipe.eval_transform(), self.cfg.engine.micro_batch)
-        counts: dict[str, torch.Tensor] = {}
+        heads = ("avg", "cls", "dist") if self.distilled else ("avg",)
         module.eval()
         with self.full_parameters():
-            for images, labels in DataLoader(data, batch_size=None, num_workers=self.cfg.workers):
-                for head, logits in head_logits(module, images.to(self.device, self.dtype)).items():
-                    top5 = logits.float().topk(min(5, self.num_classes), dim=1).indices.cpu()
-                    hit = top5 == labels[:, None]
-                    c = counts.setdefault(head, torch.zeros(3, dtype=torch.float64))
-                    c += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(labels)], dtype=torch.float64)
+            result = metrics.accuracy(module, DataLoader(data, batch_size=None, num_workers=self.cfg.workers), heads,
+                                      self.device, self.dtype)
         module.train()
-        result = {}
-        for head in ("avg", "cls", "dist") if self.distilled else ("avg",):
-            c = counts.get(head, torch.zeros(3, dtype=torch.float64))
-            dist.all_reduce(c)
-            result[f"{head}_top1"] = 100.0 * c[0].item() / max(c[2].item(), 1)
-            result[f"{head}_top5"] = 100.0 * c[1].item() / max(c[2].item(), 1)
         return result
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -402,7 +385,7 @@ def run(cfg: TrainConfig) -> dict:
             break
         r.save(epoch, steps, total_steps)
         # The epoch's mean over every rank's steps (a resumed epoch: over the steps after the resume).
-        row = {"epoch": epoch, "steps": total_steps, "train_loss": r.mean_over_ranks(losses),
+        row = {"epoch": epoch, "steps": total_steps, "train_loss": metrics.mean_over_ranks(losses, r.device),
                "images_per_s": len(losses) * r.samples_per_step / max(time.time() - t0, 1e-9), **r.evaluate()}
         if r.ctx.is_main:
             with open(metrics_path, "a") as f:

@@ -1,6 +1,9 @@
 """The view recipe's overrides (`--recipe`) and the refusal of ones that contradict a store's recipe."""
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.errors import InputError
@@ -39,3 +42,37 @@ def test_recipe_option_takes_inline_json_or_a_file(tmp_path):
     with pytest.raises(InputError, match="JSON object"):
         path.write_text("[1, 2]")
         recipe_overrides(str(path))
+
+
+def _normalised(pixels: np.ndarray, recipe: ViewRecipe) -> torch.Tensor:
+    """HWC uint8 -> CHW float, (x / 255 - mean) / std: the recipe's normalisation written out."""
+    x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(recipe.mean)[:, None, None]) / torch.tensor(recipe.std)[:, None, None]
+
+
+def test_small_images_are_cropped_with_padding_and_never_resized():
+    """DeiT's build_transform for input_size <= 32: RandomCrop(size, padding=4) replaces the random resized
+    crop; evaluation does not resize (here a 28 px image is only padded to 32, centred)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    recipe = ViewRecipe(img_size=32, auto_augment=None, hflip=0.0, reprob=0.0, color_jitter=0.0)
+    padded = np.pad(pixels, ((4, 4), (4, 4), (0, 0)))  # 36 x 36, black border
+    crops = [_normalised(padded[i : i + 32, j : j + 32], recipe) for i in range(5) for j in range(5)]
+    transform = recipe.train_transform()
+    offsets = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        view = transform(Image.fromarray(pixels))
+        matches = [k for k, crop in enumerate(crops) if torch.allclose(view, crop, atol=1e-6)]
+        assert len(matches) == 1, "the view is not an unscaled crop of the padded image"
+        offsets.add(matches[0])
+    assert len(offsets) > 3  # the crop moves
+    centred = _normalised(np.pad(pixels, ((2, 2), (2, 2), (0, 0))), recipe)
+    assert torch.allclose(recipe.eval_transform()(Image.fromarray(pixels)), centred, atol=1e-6)
+
+
+def test_larger_images_keep_the_random_resized_crop_and_the_0875_resize():
+    recipe = ViewRecipe(img_size=48)
+    assert type(recipe.train_transform().transforms[0]).__name__ == "RandomResizedCropAndInterpolation"
+    resize = recipe.eval_transform().transforms[0]
+    assert resize.size == int(48 / 0.875)  # DeiT: Resize(int(input_size / 0.875)), then the centre crop
