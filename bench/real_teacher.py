@@ -141,12 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         tail = 1 - (logits / tau).softmax(1).topk(10, dim=1).values.sum(1)
         print(f"mean mass outside the top-10 at tau={tau:g}: {tail.mean():.3f}")
 
-    from deit_pipe.loss.teacher_targets import reconstruction_kl
-
-    for k in (10, 20):
-        for tau in (1.0, 3.0):
-            print(f"mean reconstruction KL, k={k}, tau={tau:g}: {reconstruction_kl(logits, k, tau).mean():.4f} nats")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ so a shard is read about once per worker.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from torch.utils.data import Dataset
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker, decode_rgb
 from deit_pipe.errors import InputError
+from deit_pipe.loss.teacher_targets import StoreEntry
 from deit_pipe.storage.manifest import ShardManifest, shard_url
 from deit_pipe.storage.shards import ShardSample, read_shard
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
@@ -28,15 +28,6 @@ def concat_batches(batches: list[ViewBatch]) -> ViewBatch:
         return batches[0]
     fields = ("idx", "v", "images", "label", "partner", "partner_label", "lam", "digest")
     return ViewBatch(**{f: torch.cat([getattr(b, f) for b in batches]) for f in fields})
-
-
-@dataclass
-class StoredTargets:
-    """The store's rows for a batch's views, in the batch's order."""
-
-    logits: torch.Tensor  # [n, k] float16
-    classes: torch.Tensor  # [n, k] int64
-    lse: torch.Tensor  # [n] float32
 
 
 class RecentlyRead:
@@ -92,7 +83,7 @@ class ViewDataset(Dataset):
     def _record(self, shard: int, v: int) -> ViewRecord:
         return self._units[(shard, v)]
 
-    def _joined(self, piece: ViewPiece, batch: ViewBatch) -> StoredTargets:
+    def _joined(self, piece: ViewPiece, batch: ViewBatch) -> StoreEntry:
         rec = self._record(piece.shard, piece.v)
         rows = np.asarray(piece.positions)
         # The replay record and pixel digest must match what we just rebuilt: otherwise the stored teacher
@@ -107,13 +98,14 @@ class ViewDataset(Dataset):
                 f"replay drift in shard {piece.shard} view {piece.v}: the views rebuilt here differ from the "
                 f"ones the teacher scored (run `deit-pipe verify-store`)"
             )
-        return StoredTargets(
-            logits=torch.from_numpy(rec.logits[rows]),
-            classes=torch.from_numpy(rec.classes[rows].astype(np.int64)),
-            lse=torch.from_numpy(rec.lse[rows]),
+        return StoreEntry(
+            topk_logits=torch.from_numpy(rec.logits[rows]),
+            topk_classes=torch.from_numpy(rec.classes[rows].astype(np.int64)),
+            tail_lse=torch.from_numpy(rec.tail_lse[rows]),
+            codes=torch.from_numpy(rec.code[rows]),
         )
 
-    def __getitem__(self, i: int) -> tuple[list[ViewPiece], ViewBatch, StoredTargets | None]:
+    def __getitem__(self, i: int) -> tuple[list[ViewPiece], ViewBatch, StoreEntry | None]:
         pieces = self.plan[i]
         batches = [
             self.maker.shard_views(self.reader.samples(p.shard), p.shard, p.v, positions=list(p.positions))
@@ -122,7 +114,8 @@ class ViewDataset(Dataset):
         if self.store_url is None:
             return pieces, concat_batches(batches), None
         stored = [self._joined(p, b) for p, b in zip(pieces, batches)]
-        targets = StoredTargets(*(torch.cat([getattr(s, f) for s in stored]) for f in ("logits", "classes", "lse")))
+        targets = StoreEntry(*(torch.cat([getattr(s, f) for s in stored])
+                               for f in ("topk_logits", "topk_classes", "tail_lse", "codes")))
         return pieces, concat_batches(batches), targets
 
 

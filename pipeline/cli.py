@@ -122,7 +122,17 @@ def teacher_logits(
         help="Teacher weights, .safetensors or .pth (loaded weights-only), local path or fsspec URL. "
         "Nothing is downloaded: without it the teacher is random (for smoke tests only).")] = None,
     views: Annotated[int, typer.Option(help="Views per sample to store (one per training epoch, see DESIGN).")] = 1,
-    topk: Annotated[int, typer.Option(help="Teacher logits kept per view (top-1 is what hard distillation needs).")] = 10,
+    topk: Annotated[int, typer.Option(
+        help="Teacher logits kept exactly per view (fp16, with classes): top-1 for hard distillation, the head "
+        "of the distribution for soft.")] = 10,
+    code_rank: Annotated[int, typer.Option(min=0, help=(
+        "Coordinates per view of the whole logit vector in the store's code basis (int8 each, zstd-compressed): "
+        "keeps the shape of the distribution's tail for soft distillation. 0: the tail takes the mean logits' shape."
+    ))] = 256,
+    code_step: Annotated[float, typer.Option(
+        min=1e-6, help="Quantisation step of a code coordinate in logit units: smaller is closer and larger.")] = 0.7,
+    code_fit_views: Annotated[int, typer.Option(
+        min=1, help="Views (view 0 of the first samples) the code is fitted on; every fifth measures its KL.")] = 4096,
     img_size: Annotated[int, typer.Option(help="View size in pixels; binds the store to the recipe.")] = 224,
     seed: Annotated[int, typer.Option(help="View recipe seed: views are a pure function of (seed, split, idx, view).")] = 0,
     recipe: RecipeJSON = None,
@@ -132,10 +142,13 @@ def teacher_logits(
         "With the teacher on CPU: leave them cores (torch threads, OMP_NUM_THREADS), or 0 to build the "
         "views between teacher batches."))] = 2,
     device: Device = "cpu",
-    precision: Annotated[str, typer.Option(help="Teacher precision: bf16 or fp32.")] = "bf16",
+    precision: Annotated[str, typer.Option(
+        help="Teacher precision: fp32 (default: a bf16 forward flips 1-2% of top-1s and most stored logits) "
+        "or bf16.")] = "fp32",
     split: Split = "train",
 ) -> None:
-    """Run the teacher ONCE over replayable views and store its top-k logits per (sample, view).
+    """Run the teacher ONCE over replayable views and store, per (sample, view), its top-k logits and a code
+    of its whole distribution.
 
     Resumable (a rerun redoes only uncommitted units) and appendable (a larger --views adds views).
     Multi-rank: reads RANK/WORLD_SIZE (torchrun, srun) and splits the shards among ranks.
@@ -149,6 +162,7 @@ def teacher_logits(
         shards, store, stage.TeacherSpec(teacher, teacher_weights, precision),
         ViewRecipe(img_size=img_size, seed=seed).with_overrides(recipe_overrides(recipe)),
         views=views, k=topk, split=split, batch_size=batch_size, workers=workers, device=device,
+        code=stage.CodeSpec(code_rank, code_step, code_fit_views),
     )
     typer.echo(
         f"rank {summary['rank']}: wrote {summary['views_written']} views in {summary['units_written']} units; "
@@ -163,21 +177,27 @@ def verify_store(
     teacher_weights: Annotated[Optional[str], typer.Option(help="The teacher weights the store was made with.")] = None,
     units: Annotated[int, typer.Option(help="How many (shard, view) units to re-check.")] = 4,
     views_per_unit: Annotated[int, typer.Option(help="Views re-checked in each unit.")] = 64,
+    tau: Annotated[Optional[list[float]], typer.Option(
+        help="Temperature at which to report the KL of the rebuilt teacher distribution (repeatable; "
+        "default 1 and 3).")] = None,
     device: Device = "cpu",
     split: Split = "train",
 ) -> None:
     """Check that STORE belongs to SHARDS, and that views and teacher outputs still replay."""
     from deit_pipe.stages import verify_store as stage
 
-    r = stage.run(shards, store, teacher_weights, split, units, views_per_unit, device)
+    taus = tuple(tau or (1.0, 3.0))
+    r = stage.run(shards, store, teacher_weights, split, units, views_per_unit, device, taus)
     typer.echo(f"store: {r['store_bytes']} bytes for {r['views_stored']} views ({r['bytes_per_view']:.1f} bytes/view)")
     typer.echo(f"checked {r['views_checked']} views: digest match {r['digest_match_rate']:.4f}")
     if r["teacher_rerun"]:
         typer.echo(
             f"teacher re-run: top-1 match {r['top1_match_rate']:.4f}, max logit error "
-            f"{r['max_logit_error_fp16_ulps']:.2f} fp16 ulps, top-k KL mean {r['topk_kl_mean']:.3g} "
-            f"max {r['topk_kl_max']:.3g}"
+            f"{r['max_logit_error_fp16_ulps']:.2f} fp16 ulps"
         )
+        for t in taus:
+            typer.echo(f"rebuilt teacher distribution at tau={t:g}: KL mean {r[f'target_kl_mean_tau{t:g}']:.3g} "
+                       f"max {r[f'target_kl_max_tau{t:g}']:.3g} nats")
     else:
         typer.echo("teacher not re-run: the store was made by a random-weights teacher (weights_sha256 'none'), "
                    "which cannot be rebuilt; digests only")
@@ -196,6 +216,9 @@ def train(
     distillation: Annotated[str, typer.Option(help="none | soft | hard (DeiT's default).")] = "hard",
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
     tau: Annotated[float, typer.Option(help="Soft distillation temperature.")] = 1.0,
+    max_target_kl: Annotated[float, typer.Option(
+        help="Refuse soft targets from a store whose rebuilt teacher is further than this mean KL (nats) at --tau.")
+    ] = 0.05,
     soft_reduction: Annotated[str, typer.Option(help="sum_numel (DeiT's) or batchmean.")] = "sum_numel",
     teacher_online: Annotated[Optional[str], typer.Option(
         help="DeiT's original mode: run this timm teacher on every batch instead of reading a store.")] = None,
@@ -243,7 +266,7 @@ def train(
     cfg = stage.TrainConfig(
         shards=shards, output=output, store=logits,
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
-        distillation=distillation, alpha=alpha, tau=tau, soft_reduction=soft_reduction,
+        distillation=distillation, alpha=alpha, tau=tau, max_target_kl=max_target_kl, soft_reduction=soft_reduction,
         teacher_online=teacher_online, teacher_weights=teacher_weights, teacher_precision=teacher_precision,
         epochs=epochs, repeats=repeats, seed=seed, img_size=img_size, recipe_overrides=recipe_overrides(recipe),
         engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),

@@ -5,6 +5,15 @@ rank then takes its image shards, and for every view not yet committed its loade
 mixed views from the shard (the same code the student's loader runs), the teacher scores them, and the
 unit (shard, view) is written as one chunk per array and committed. A rerun redoes uncommitted units
 only; a larger --views appends views without touching the existing ones.
+
+Before the layout, rank 0 fits the store's logit code (loss.teacher_targets.LogitCode) on the teacher's
+logits for view 0 of the first samples, holding every fifth view out to measure what the code costs: the
+mean KL between the teacher's distribution and the rebuilt one at each temperature in ERROR_TAUS, which
+the store records and readers check against the temperature they train with.
+
+The teacher runs in fp32 by default: measured on the demo's teacher, a bf16 (or fp16) forward changes the
+stored fp16 logits on most entries and flips the top-1 of 1-2% of views, in a store paid for once and
+reused by every student (bench/teacher_precision.py).
 """
 
 from __future__ import annotations
@@ -24,23 +33,70 @@ from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
-from deit_pipe.loss.teacher_targets import compress_teacher_logits
+from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
 from deit_pipe.models.registry import create_teacher
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
+
+
+# Temperatures at which a store measures the KL its code costs (a reader trains at one of them or above).
+ERROR_TAUS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
     name: str
     weights: str | None
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "fp32"  # fp32 | bf16
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """The store's logit code: rank (coordinates per view), quantisation step, views it is fitted on."""
+
+    rank: int = 256
+    step: float = 0.7
+    fit_views: int = 4096
+
+    def binding(self, num_samples: int, num_classes: int) -> dict:
+        pool = min(self.fit_views, num_samples)
+        fitted = pool - len(range(4, pool, 5)) if pool >= 5 else pool
+        return {"kind": "pca-int8", "rank": max(0, min(self.rank, num_classes, fitted - 1)), "step": self.step,
+                "fit_views": fitted}
 
 
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def teacher_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """float32 logits on the CPU."""
+    with autocast(device, precision):
+        return model(images.to(device, non_blocking=True)).float().cpu()
+
+
+def fit_code(model, device, teacher: TeacherSpec, spec: CodeSpec, k: int, maker: ViewMaker, manifest: ShardManifest,
+             shards: str, batch_size: int, workers: int) -> tuple[LogitCode, dict]:
+    """(the code, its measured cost): fitted on view 0 of the first fit_views samples but every fifth."""
+    pool, units = min(spec.fit_views, manifest.num_samples), []
+    while sum(len(manifest.shard_range(s)) for s, _ in units) < pool:
+        units.append((len(units), 0))
+    loader = DataLoader(ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size)), batch_size=None,
+                        num_workers=workers)
+    with torch.inference_mode():
+        logits = torch.cat([teacher_logits(model, batch.images, device, teacher.precision)
+                            for _, batch, _ in tqdm(loader, desc="fitting the logit code", unit="batch", disable=None)])
+    logits = logits[:pool]
+    held = torch.zeros(pool, dtype=torch.bool)
+    held[4::5] = pool >= 5
+    code = LogitCode.fit(logits[~held], spec.rank, spec.step)
+    measured = logits[held] if held.any() else logits
+    entry = StoreEntry.from_logits(measured, k, code)
+    error = {"views": len(measured),
+             "kl_mean": [[tau, rebuild_kl(measured, entry, code, tau).mean().item()] for tau in ERROR_TAUS]}
+    return code, error
 
 
 def teacher_binding(spec: TeacherSpec, weights_sha256: str, recipe: ViewRecipe) -> dict:
@@ -65,8 +121,9 @@ def provenance(recipe: ViewRecipe) -> dict:
 
 
 def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: int, recipe: ViewRecipe,
-               ctx: RankContext) -> TeacherStore:
-    """Rank 0 creates or checks and grows the store; the other ranks wait for its layout.
+               ctx: RankContext, fit) -> TeacherStore:
+    """Rank 0 creates (fitting the code with `fit()`) or checks and grows the store; the other ranks wait for
+    its layout.
 
     Every rank checks an existing store before waiting, so a mismatch stops them all, not rank 0 alone.
     """
@@ -77,7 +134,8 @@ def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: in
         if ctx.is_main:
             store.append_views(views)
     elif ctx.is_main:
-        store = TeacherStore.create(store_url, split, binding, views, provenance(recipe))
+        code, error = fit()
+        store = TeacherStore.create(store_url, split, binding, views, provenance(recipe), code.arrays(), error)
     if not ctx.is_main:
         store = TeacherStore.wait_layout(store_url, split, views)
         store.check_binding(binding, recipe_dict)
@@ -95,6 +153,7 @@ def run(
     batch_size: int = 64,
     workers: int = 2,
     device: str = "cpu",
+    code: CodeSpec = CodeSpec(),
 ) -> dict:
     ctx = RankContext.from_env()
     manifest = ShardManifest.load(shards, split)
@@ -106,12 +165,15 @@ def run(
     dev = torch.device(device)
     model, weights_sha = create_teacher(teacher.name, num_classes, teacher.weights, img_size=recipe.img_size)
     model.to(dev).eval()
-    binding = store_binding(manifest, recipe.hash(), teacher_binding(teacher, weights_sha, recipe), num_classes, k)
-    store = open_store(store_url, manifest, binding, views, recipe, ctx)
+    binding = store_binding(manifest, recipe.hash(), teacher_binding(teacher, weights_sha, recipe), num_classes, k,
+                            code.binding(manifest.num_samples, num_classes))
+    maker = ViewMaker(recipe, split)
+    store = open_store(store_url, manifest, binding, views, recipe, ctx, lambda: fit_code(
+        model, dev, teacher, code, k, maker, manifest, shards, batch_size, workers))
+    logit_code = LogitCode.of_store(store)
 
     done = store.committed_units()
     units = [(s, v) for s in ctx.my_units(list(range(manifest.num_shards))) for v in range(views) if (s, v) not in done]
-    maker = ViewMaker(recipe, split)
     # Batches stay inside a unit, so the store's bytes do not depend on how ranks or resumes split the units.
     dataset = ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
@@ -122,16 +184,15 @@ def run(
                desc=f"teacher-logits rank {ctx.rank}", disable=None)
     with torch.inference_mode():
         for pieces, batch, _ in loader:
-            with autocast(dev, teacher.precision):
-                logits = model(batch.images.to(dev, non_blocking=True))
-            top, cls, lse = (t.cpu().numpy() for t in compress_teacher_logits(logits.float(), k))
+            logits = teacher_logits(model, batch.images, dev, teacher.precision)
+            entry = StoreEntry.from_logits(logits, k, logit_code)
             start = 0
             for piece in pieces:
                 rows = slice(start, start + len(piece.positions))
                 start = rows.stop
                 key = (piece.shard, piece.v)
-                unit = pending.setdefault(key, UnitBuffer(len(manifest.shard_range(piece.shard)), k))
-                if unit.put(piece.positions, rows, top, cls, lse, batch):
+                unit = pending.setdefault(key, UnitBuffer(len(manifest.shard_range(piece.shard)), k, logit_code.rank))
+                if unit.put(piece.positions, rows, entry, batch):
                     store.write_unit(piece.shard, piece.v, unit.record())
                     del pending[key]
             bar.update(len(batch.idx))
@@ -144,22 +205,25 @@ def run(
 class UnitBuffer:
     """Collects one (shard, view) unit's rows, which arrive in mixing-cycle order, until it is whole."""
 
-    def __init__(self, n: int, k: int):
+    def __init__(self, n: int, k: int, rank: int):
         self.arrays = {
             "logits": np.zeros((n, k), np.float16),
             "classes": np.zeros((n, k), np.int32),
-            "lse": np.zeros(n, np.float32),
+            "tail_lse": np.zeros(n, np.float32),
+            "code": np.zeros((n, rank), np.int8),
             "partner": np.zeros(n, np.int32),
             "lam": np.zeros(n, np.float32),
             "digest": np.zeros(n, np.uint32),
         }
         self.missing = n
 
-    def put(self, positions, rows: slice, top, cls, lse, batch) -> bool:
-        """Rows `rows` of the batch and of its teacher outputs are this unit's `positions`."""
+    def put(self, positions, rows: slice, entry: StoreEntry, batch) -> bool:
+        """Rows `rows` of the batch and of its store entries are this unit's `positions`."""
         at = np.asarray(positions)
         a = self.arrays
-        a["logits"][at], a["classes"][at], a["lse"][at] = top[rows], cls[rows], lse[rows]
+        for name, values in (("logits", entry.topk_logits), ("classes", entry.topk_classes), ("tail_lse", entry.tail_lse),
+                             ("code", entry.codes)):
+            a[name][at] = values[rows].numpy()
         for name in ("partner", "lam", "digest"):
             a[name][at] = getattr(batch, name)[rows].numpy()
         self.missing -= len(at)

@@ -35,14 +35,14 @@ from tqdm import tqdm
 
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_needed
-from deit_pipe.data.view_dataset import EvalDataset, StoredTargets, ViewDataset
+from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
 from deit_pipe.data.views import ViewBatch, ViewMaker, mixed_targets
 from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.distributed.deepspeed_engine import EngineSpec
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
-from deit_pipe.loss.teacher_targets import TeacherTargets
+from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, TeacherTargets, served_kl
 from deit_pipe.models.export import export_safetensors
 from deit_pipe.models.registry import create_student, create_teacher, is_distilled, is_vit, set_distilled_training
 from deit_pipe.optim.schedule import LRSchedule, adamw
@@ -51,6 +51,7 @@ from deit_pipe.reporting.plots import plot_training, read_jsonl
 from deit_pipe.stages.verify_store import open_bound_store
 from deit_pipe.storage.location import exists, is_local, put_atomic
 from deit_pipe.storage.manifest import ShardManifest, manifest_url
+from deit_pipe.storage.teacher_store import TeacherStore
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainConfig:
     distillation: str = "hard"  # none | soft | hard
     alpha: float = 0.5
     tau: float = 1.0
+    max_target_kl: float = 0.05  # soft targets from a store must rebuild the teacher within this mean KL at tau
     soft_reduction: str = "sum_numel"
     teacher_online: str | None = None
     teacher_weights: str | None = None
@@ -91,8 +93,8 @@ class TrainConfig:
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0 = run all epochs
 
 
-def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | None]:
-    """(view recipe, stored views or None) after refusing bad input; cheap, so a launcher runs it before
+def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, TeacherStore | None]:
+    """(view recipe, the teacher store or None) after refusing bad input; cheap, so a launcher runs it before
     starting any rank and each rank runs it again."""
     cfg.engine.config()  # refuses a bad --zero, --precision or --ds-config
     manifest = ShardManifest.load(cfg.shards, "train")
@@ -134,7 +136,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, int | N
     if needed > store.num_views and not cfg.allow_view_reuse:
         raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
                          f"{store.num_views} (run `deit-pipe teacher-logits --views {needed}` or pass --allow-view-reuse)")
-    return recipe, store.num_views
+    if cfg.distillation == "soft":
+        served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
+    return recipe, store
 
 
 def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch: int) -> EpochPlan:
@@ -169,8 +173,15 @@ class StudentRun:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.ctx = RankContext.from_env()
-        self.recipe, self.store_views = check_config(cfg, self.ctx.world_size)
+        self.recipe, store = check_config(cfg, self.ctx.world_size)
+        self.store_views = store.num_views if store else None
+        self.logit_code = LogitCode.of_store(store) if store else None
+        # What soft targets from the store cost: the mean KL to the teacher's own distribution at our tau.
+        self.target_kl = (served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
+                          if store and cfg.distillation == "soft" else None)
         self.device = deepspeed_engine.select_accelerator()
+        if self.logit_code is not None:
+            self.logit_code = self.logit_code.to(self.device)
         deepspeed_engine.init_distributed(self.device)
         self.manifest = ShardManifest.load(cfg.shards, "train")
         self.val = ShardManifest.load(cfg.shards, "val") if exists(manifest_url(cfg.shards, "val")) else None
@@ -227,7 +238,7 @@ class StudentRun:
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=cfg.workers,
                           prefetch_factor=4 if cfg.workers else None)
 
-    def teacher_targets(self, images: torch.Tensor, stored: StoredTargets | None) -> TeacherTargets | None:
+    def teacher_targets(self, images: torch.Tensor, stored: StoreEntry | None) -> TeacherTargets | None:
         if self.cfg.distillation == "none":
             return None
         if self.teacher is not None:
@@ -235,14 +246,11 @@ class StudentRun:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=teacher_bf16):
                 logits = self.teacher(images)
             return TeacherTargets.from_logits(logits.float(), self.cfg.tau)
-        return TeacherTargets.from_topk(
-            stored.logits.to(self.device).float(), stored.classes.to(self.device), stored.lse.to(self.device),
-            self.num_classes, self.cfg.tau,
-        )
+        return TeacherTargets.from_store(stored.to(self.device), self.logit_code, self.cfg.tau)
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def train_step(self, batch: ViewBatch, stored: StoredTargets | None, epoch: int, step: int) -> float:
+    def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int) -> float:
         cfg = self.cfg
         # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
         # resumed run draws what the unbroken run drew.
@@ -405,6 +413,7 @@ def run(cfg: TrainConfig) -> dict:
             if int(name[len("rank"):-len(".json")]) >= r.ctx.world_size:
                 os.remove(os.path.join(ranks_dir, name))
     result = {"completed": not stopped, "total_steps": total_steps, "wall_s": time.time() - wall,
+              "teacher_target_kl": r.target_kl,
               "images_per_s": images_seen / max(time.time() - wall, 1e-9)}
     if not stopped:
         r.export(os.path.join(cfg.output, "student.safetensors"))

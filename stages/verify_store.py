@@ -3,8 +3,8 @@
 It refuses a store bound to other shards or another recipe, reports the store's size and bytes per view,
 then, for a sample of committed units, rebuilds the views from the shards (digests must match: no
 replay drift), re-runs the teacher on them and reports top-1 agreement, the largest stored-logit error
-(in fp16 units in the last place: up to about 1 is fp16 rounding) and the KL between the full teacher
-distribution and the one rebuilt from the stored top-k. A store made with a random-weights teacher
+(in fp16 units in the last place: up to about 1 is fp16 rounding) and, at each temperature asked for, the
+KL between the teacher's distribution and the one rebuilt from the stored entry (top-k and logit code). A store made with a random-weights teacher
 (weights_sha256 "none") cannot have its teacher rebuilt: only the digests are checked.
 """
 
@@ -18,9 +18,9 @@ from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.errors import InputError
-from deit_pipe.loss.teacher_targets import reconstruction_kl
+from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
 from deit_pipe.models.registry import NO_WEIGHTS, create_teacher
-from deit_pipe.stages.teacher_logits import autocast
+from deit_pipe.stages.teacher_logits import teacher_logits
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore
 
@@ -42,7 +42,7 @@ def open_bound_store(shards: str, store_url: str, split: str) -> tuple[ShardMani
 
 
 def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "train", units: int = 4,
-        max_views_per_unit: int = 64, device: str = "cpu") -> dict:
+        max_views_per_unit: int = 64, device: str = "cpu", taus: tuple[float, ...] = (1.0, 3.0)) -> dict:
     manifest, store, recipe = open_bound_store(shards, store_url, split)
     committed = sorted(store.committed_units())
     if not committed:
@@ -67,8 +67,9 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
     dataset = ViewDataset(shards, maker, [unit_items(maker, manifest, [u], max_views_per_unit, max_items=1)[0]
                                           for u in chosen])
 
+    code = LogitCode.of_store(store)
     digests_ok = views = top1_ok = 0
-    max_ulps, kls = 0.0, []
+    max_ulps, kls = 0.0, {tau: [] for tau in taus}
     with torch.inference_mode():
         for pieces, batch, _ in (dataset[i] for i in range(len(dataset))):
             (piece,) = pieces
@@ -78,21 +79,21 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
             digests_ok += int((batch.digest.numpy() == stored.digest[rows].astype(np.int64)).sum())
             if not rerun:
                 continue
-            with autocast(dev, teacher["precision"]):
-                logits = model(batch.images.to(dev)).float().cpu()
+            logits = teacher_logits(model, batch.images, dev, teacher["precision"])
             top1_ok += int((logits.argmax(1).numpy() == stored.classes[rows, 0]).sum())
             recomputed = np.take_along_axis(logits.numpy(), stored.classes[rows].astype(np.int64), axis=1)
             max_ulps = max(max_ulps, float(fp16_ulps(stored.logits[rows], recomputed).max()))
-            kls.append(reconstruction_kl(logits, store.k, 1.0))
+            entry = StoreEntry(*(torch.from_numpy(a[rows]) for a in (stored.logits, stored.classes.astype(np.int64),
+                                                                      stored.tail_lse, stored.code)))
+            for tau in taus:
+                kls[tau].append(rebuild_kl(logits, entry, code, tau))
     report.update({"views_checked": views, "digest_match_rate": digests_ok / views, "teacher_rerun": rerun})
     if rerun:
-        kl = torch.cat(kls)
-        report.update({
-            "top1_match_rate": top1_ok / views,
-            "max_logit_error_fp16_ulps": max_ulps,
-            "topk_kl_mean": kl.mean().item(),
-            "topk_kl_max": kl.max().item(),
-        })
+        report.update({"top1_match_rate": top1_ok / views, "max_logit_error_fp16_ulps": max_ulps})
+        for tau in taus:
+            kl = torch.cat(kls[tau])
+            report[f"target_kl_mean_tau{tau:g}"] = kl.mean().item()
+            report[f"target_kl_max_tau{tau:g}"] = kl.max().item()
     return report
 
 

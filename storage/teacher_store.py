@@ -3,7 +3,11 @@
     <store>/<split>/            group; attributes bind it to shards, recipe, teacher, k, views
         logits   (N, V, k) f16  top-k teacher logits, descending
         classes  (N, V, k) u16  their class indices (i32 past 65535 classes)
-        lse      (N, V)    f32  log-sum-exp of all logits: rebuilds the distribution at any temperature
+        tail_lse (N, V)    f32  log-sum-exp of the logits outside the top-k: their mass, exactly
+        code     (N, V, r) i8   the whole logit vector's coordinates in the code basis, in steps (r > 0)
+        code_mean   (C,)   f32  the code: logits ~ code_mean + (code * code_steps) @ code_basis, fitted
+        code_basis  (r, C) f32  once per store on the teacher's logits; attrs["code"] says how,
+        code_steps  (r,)   f32  attrs["code_error"] what it costs in KL at each temperature
         partner  (N, V)    i32  replay record: the mixing partner's idx
         lam      (N, V)    f32  replay record: the weight of the sample's own label
         digest   (N, V)    u32  digest of the view's pixels: replay drift shows without the teacher
@@ -28,16 +32,18 @@ from deit_pipe.errors import InputError
 from deit_pipe.storage.location import exists, join, put_atomic, resolve, wait_for
 from deit_pipe.storage.manifest import ShardManifest
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: the logit code (1 kept a flat tail)
 LAYOUT_MARKER = "layout"
 _UNIT_MARKER = re.compile(r"(\d+)-(\d+)")
 # Fields that must match between a store and the run that reads or extends it, in the order checked.
+CODE_ARRAYS = ("code_mean", "code_basis", "code_steps")
 BINDING_FIELDS = ("format_version", "split", "manifest_digest", "num_samples", "samples_per_shard",
-                  "recipe_hash", "teacher", "num_classes", "k")
+                  "recipe_hash", "teacher", "num_classes", "k", "code")
 
 
-def store_binding(manifest: ShardManifest, recipe_hash: str, teacher: dict, num_classes: int, k: int) -> dict:
-    """The attributes that tie a store to its shards, view recipe and teacher."""
+def store_binding(manifest: ShardManifest, recipe_hash: str, teacher: dict, num_classes: int, k: int,
+                  code: dict) -> dict:
+    """The attributes that tie a store to its shards, view recipe, teacher and logit code."""
     return {
         "format_version": STORE_VERSION,
         "split": manifest.split,
@@ -48,6 +54,7 @@ def store_binding(manifest: ShardManifest, recipe_hash: str, teacher: dict, num_
         "teacher": teacher,
         "num_classes": num_classes,
         "k": k,
+        "code": code,
     }
 
 
@@ -57,18 +64,23 @@ class ViewRecord:
 
     logits: np.ndarray  # [n, k] float16
     classes: np.ndarray  # [n, k]
-    lse: np.ndarray  # [n] float32
+    tail_lse: np.ndarray  # [n] float32
+    code: np.ndarray  # [n, r] int8
     partner: np.ndarray  # [n] int32
     lam: np.ndarray  # [n] float32
     digest: np.ndarray  # [n] uint32
 
 
-def _arrays(k: int, num_classes: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def _arrays(attrs: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per-view arrays: name -> (shape after (N, V), dtype)."""
+    k, num_classes, rank = attrs["k"], attrs["num_classes"], attrs["code"]["rank"]
     cls_dtype = "uint16" if num_classes <= np.iinfo(np.uint16).max else "int32"
+    code = {"code": ((rank,), "int8")} if rank else {}  # zarr wants no empty axis
     return {
         "logits": ((k,), "float16"),
         "classes": ((k,), cls_dtype),
-        "lse": ((), "float32"),
+        "tail_lse": ((), "float32"),
+        **code,
         "partner": ((), "int32"),
         "lam": ((), "float32"),
         "digest": ((), "uint32"),
@@ -100,18 +112,23 @@ class TeacherStore:
         return exists(join(cls._group_url(url, split), "_commits", LAYOUT_MARKER))
 
     @classmethod
-    def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict) -> "TeacherStore":
-        """Lay out an empty store, wiping any half-made layout (one process does this; the others wait
-        in `wait_layout`)."""
-        n, spc, k = binding["num_samples"], binding["samples_per_shard"], binding["k"]
+    def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict,
+               code: tuple[np.ndarray, np.ndarray, np.ndarray], code_error: dict) -> "TeacherStore":
+        """Lay out an empty store with its logit code, wiping any half-made layout (one process does this;
+        the others wait in `wait_layout`)."""
+        n, spc = binding["num_samples"], binding["samples_per_shard"]
         group = zarr.open_group(cls._group_url(url, split), mode="w")
-        codec = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
-        for name, (tail, dtype) in _arrays(k, binding["num_classes"]).items():
+        for name, (tail, dtype) in _arrays(binding).items():
+            # Small integer codes compress best unshuffled; floats and wide ints with bit shuffling.
+            shuffle = "noshuffle" if dtype == "int8" else "bitshuffle"
             group.create_array(
                 name, shape=(n, num_views, *tail), chunks=(spc, 1, *tail), dtype=dtype,
-                fill_value=0, compressors=[codec],
+                fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)],
             )
-        group.attrs.update({**binding, "num_views": num_views, "provenance": provenance})
+        for name, values in zip(CODE_ARRAYS, code):
+            if values.size:  # zarr wants no empty axis: a code of rank 0 has only its mean
+                group.create_array(name, data=values.astype(np.float32))
+        group.attrs.update({**binding, "num_views": num_views, "provenance": provenance, "code_error": code_error})
         store = cls(url, split, group)
         store._mark_layout()
         put_atomic(store._marker(LAYOUT_MARKER), b"")
@@ -130,6 +147,13 @@ class TeacherStore:
     @property
     def k(self) -> int:
         return int(self.group.attrs["k"])
+
+    def code_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(code_mean [C], code_basis [r, C], code_steps [r]) as written at layout."""
+        mean = self.group["code_mean"][:]
+        if not self.group.attrs["code"]["rank"]:
+            return mean, np.zeros((0, len(mean)), np.float32), np.zeros(0, np.float32)
+        return mean, self.group["code_basis"][:], self.group["code_steps"][:]
 
     def check_binding(self, expected: dict, recipe: dict | None = None) -> None:
         """Refuse a store made for other shards/recipe/teacher, naming the first field that differs
@@ -156,7 +180,7 @@ class TeacherStore:
         """Grow the view axis: existing chunks are untouched, new views land in new chunks."""
         if num_views <= self.num_views:
             return
-        for name in _arrays(self.k, self.group.attrs["num_classes"]):
+        for name in _arrays(self.attrs):
             arr = self.group[name]
             arr.resize((arr.shape[0], num_views, *arr.shape[2:]))
         self.group.attrs["num_views"] = num_views
@@ -205,7 +229,7 @@ class TeacherStore:
     def write_unit(self, shard: int, v: int, record: ViewRecord) -> None:
         """Write one whole chunk per array, then the commit marker (a unit without it is redone)."""
         rows = self._rows(shard)
-        for name in _arrays(self.k, self.group.attrs["num_classes"]):
+        for name in _arrays(self.attrs):
             self.group[name][rows, v] = getattr(record, name)
         put_atomic(self.unit_marker(shard, v), b"")
 
@@ -213,7 +237,9 @@ class TeacherStore:
         if not self.is_committed(shard, v):
             raise InputError(f"teacher store {self.url}: shard {shard} view {v} is not committed")
         rows = self._rows(shard)
-        return ViewRecord(**{name: self.group[name][rows, v] for name in _arrays(self.k, self.group.attrs["num_classes"])})
+        arrays = {name: self.group[name][rows, v] for name in _arrays(self.attrs)}
+        arrays.setdefault("code", np.zeros((rows.stop - rows.start, 0), np.int8))
+        return ViewRecord(**arrays)
 
     def nbytes_stored(self) -> int:
         """Bytes of every object of this split's store: chunks, metadata and markers."""

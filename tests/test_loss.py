@@ -1,4 +1,6 @@
-"""DeiT loss against the paper repo's formulas, and the top-k teacher reconstruction."""
+"""DeiT loss against the paper repo's formulas, and the teacher rebuilt from a store entry."""
+
+import math
 
 import pytest
 import torch
@@ -7,9 +9,11 @@ import torch.nn.functional as F
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import (
+    LogitCode,
+    StoreEntry,
     TeacherTargets,
-    compress_teacher_logits,
-    reconstruction_kl,
+    rebuild_kl,
+    served_kl,
     teacher_log_probs,
     teacher_top1,
 )
@@ -110,71 +114,117 @@ def test_store_targets_drive_the_loss_like_an_online_teacher(batch):
     cls_logits, dist_logits, teacher_logits, targets = batch
     loss = DistillationLoss(mode="soft", tau=2.0)
     online = loss((cls_logits, dist_logits), targets, TeacherTargets.from_logits(teacher_logits, 2.0))
+    code = LogitCode.fit(teacher_logits, 4, 0.5)
     cached = loss((cls_logits, dist_logits), targets,
-                  TeacherTargets.from_topk(*compress_teacher_logits(teacher_logits, C), C, 2.0))
+                  TeacherTargets.from_store(StoreEntry.from_logits(teacher_logits, C, code), code, 2.0))
     torch.testing.assert_close(cached, online, atol=1e-3, rtol=1e-3)  # fp16 logits
 
 
-# --- top-k reconstruction ---------------------------------------------------------------------------
+# --- the teacher rebuilt from a store entry ----------------------------------------------------------
 
 @pytest.fixture
 def teacher_logits():
+    """A teacher whose 100 logits vary along 6 directions (plus a little noise), as real ones mostly do."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(64, 100, generator=g) * 4
+    directions = torch.linalg.qr(torch.randn(100, 6, generator=g)).Q.T  # 6 orthonormal rows
+    mean = torch.randn(100, generator=g) * 2
+    return mean + (torch.randn(96, 6, generator=g) * 6) @ directions + torch.randn(96, 100, generator=g) * 0.01
 
 
-def test_compress_is_what_a_store_holds(teacher_logits):
-    topk, classes, lse = compress_teacher_logits(teacher_logits, 5)
-    assert topk.dtype == torch.float16 and lse.dtype == torch.float32 and classes.shape == (64, 5)
-    assert torch.all(topk[:, :-1] >= topk[:, 1:])
-    torch.testing.assert_close(lse, torch.logsumexp(teacher_logits, dim=1))
-    torch.testing.assert_close(teacher_top1(classes), teacher_logits.argmax(dim=1))
+def test_store_entry_is_what_a_store_holds(teacher_logits):
+    code = LogitCode.fit(teacher_logits[:64], 8, 0.25)
+    entry = StoreEntry.from_logits(teacher_logits, 5, code)
+    assert entry.topk_logits.dtype == torch.float16 and entry.tail_lse.dtype == torch.float32
+    assert entry.topk_classes.shape == (96, 5) and entry.codes.shape == (96, 8) and entry.codes.dtype == torch.int8
+    assert torch.all(entry.topk_logits[:, :-1] >= entry.topk_logits[:, 1:])
+    below_top5 = teacher_logits.sort(dim=1, descending=True).values[:, 5:]
+    torch.testing.assert_close(entry.tail_lse, torch.logsumexp(below_top5, dim=1))
+    torch.testing.assert_close(teacher_top1(entry.topk_classes), teacher_logits.argmax(dim=1))
+    # Orthonormal directions; a code rounds each coordinate to the nearest step (none widened here).
+    torch.testing.assert_close(code.basis @ code.basis.T, torch.eye(8), atol=1e-5, rtol=0)
+    assert (code.steps == 0.25).all()
+    coords = (teacher_logits - code.mean) @ code.basis.T
+    assert ((entry.codes.float() * 0.25 - coords).abs() <= 0.125 + 1e-5).all()
+
+
+def test_hand_computed_entry_at_two_temperatures():
+    """C = 4, k = 1, a rank-1 code along class 1: decoded logits [1, 2, -1, 0]; the store says the top class
+    (0, logit 3) holds half the mass. The tail keeps the code's shape and gets exactly the other half."""
+    code = LogitCode(mean=torch.tensor([1.0, 0.0, -1.0, 0.0]), basis=torch.tensor([[0.0, 1.0, 0.0, 0.0]]),
+                     steps=torch.tensor([0.5]))
+    tail_lse = 3.0  # the tail's mass e^3 equals the top class's: half each
+    entry = StoreEntry(torch.tensor([[3.0]]).half(), torch.tensor([[0]]), torch.tensor([tail_lse]),
+                       torch.tensor([[4]], dtype=torch.int8))
+    s = math.exp(2) + math.exp(-1) + math.exp(0)
+    at_1 = [0.5, 0.5 * math.exp(2) / s, 0.5 * math.exp(-1) / s, 0.5 / s]
+    torch.testing.assert_close(teacher_log_probs(entry, code, 1.0).exp(), torch.tensor([at_1]))
+    shift = 3.0 - math.log(s)  # the tail's log-sum-exp becomes 3
+    logits_3 = torch.tensor([3.0, 2 + shift, -1 + shift, shift]) / 3.0
+    torch.testing.assert_close(teacher_log_probs(entry, code, 3.0), torch.log_softmax(logits_3, 0)[None])
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.5])
-def test_full_k_is_exact(teacher_logits, tau):
+def test_all_classes_kept_is_exact_whatever_the_code(teacher_logits, tau):
     C_ = teacher_logits.shape[1]
-    rebuilt = teacher_log_probs(*compress_teacher_logits(teacher_logits, C_), C_, tau)
+    code = LogitCode.fit(teacher_logits, 0, 1.0)
+    rebuilt = teacher_log_probs(StoreEntry.from_logits(teacher_logits, C_, code), code, tau)
     # Exact up to the fp16 rounding of the stored logits.
-    want = F.log_softmax(teacher_logits.half().float() / tau, dim=1)
-    torch.testing.assert_close(rebuilt, want)
-    assert reconstruction_kl(teacher_logits, C_, tau).abs().max() < 1e-5
+    torch.testing.assert_close(rebuilt, F.log_softmax(teacher_logits.half().float() / tau, dim=1))
 
 
-@pytest.mark.parametrize("fp16_exact", [True, False])
-def test_topk_keeps_top_probs_and_leftover_mass_at_tau_1(teacher_logits, fp16_exact):
-    if fp16_exact:  # logits the store holds without rounding: the rebuild is exact
-        teacher_logits = teacher_logits.half().float()
-        rtol, atol = 1e-5, 1e-6
-    else:  # fp16 rounding of a logit near 10 moves it by up to ~4e-3, so its probability by ~0.4%
-        rtol, atol = 5e-3, 5e-3
-    k, C_ = 5, teacher_logits.shape[1]
-    topk, classes, lse = compress_teacher_logits(teacher_logits, k)
-    rebuilt = teacher_log_probs(topk, classes, lse, C_, 1.0).exp()
-    true = F.softmax(teacher_logits, dim=1)
-    idx = classes.long()
-    torch.testing.assert_close(rebuilt.gather(1, idx), true.gather(1, idx), rtol=rtol, atol=1e-7)
-    leftover_true = 1 - true.gather(1, idx).sum(1)
-    leftover_rebuilt = 1 - rebuilt.gather(1, idx).sum(1)
-    torch.testing.assert_close(leftover_rebuilt, leftover_true, rtol=rtol, atol=atol)
-    # The leftover is spread evenly over the other classes.
-    others = rebuilt.scatter(1, idx, float("nan"))
-    others = others[~others.isnan()].view(-1, C_ - k)
-    torch.testing.assert_close(others, (leftover_rebuilt / (C_ - k))[:, None].expand_as(others))
+def test_topk_probabilities_and_leftover_mass_are_exact_at_tau_1(teacher_logits):
+    logits = teacher_logits.half().float()  # logits the store holds without rounding
+    k = 5
+    code = LogitCode.fit(logits[:64], 3, 0.5)  # too small a code to matter for the head
+    entry = StoreEntry.from_logits(logits, k, code)
+    rebuilt = teacher_log_probs(entry, code, 1.0).exp()
+    true = F.softmax(logits, dim=1)
+    idx = entry.topk_classes.long()
+    torch.testing.assert_close(rebuilt.gather(1, idx), true.gather(1, idx), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(1 - rebuilt.gather(1, idx).sum(1), 1 - true.gather(1, idx).sum(1), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(rebuilt.sum(1), torch.ones(len(rebuilt)))
 
 
-def test_topk_kl_is_small_and_shrinks_with_k(teacher_logits):
-    kls = {k: reconstruction_kl(teacher_logits, k, 1.0).mean().item() for k in (1, 5, 20, 50, 100)}
-    print("mean KL(full || top-k rebuilt) at tau=1:", {k: f"{v:.2e}" for k, v in kls.items()})
-    values = list(kls.values())
-    assert all(a >= b for a, b in zip(values, values[1:]))
-    assert kls[20] < 0.05 and kls[100] < 1e-5
-    assert (reconstruction_kl(teacher_logits, 20, 1.0) >= -1e-6).all()
+def test_the_code_keeps_the_tails_shape_a_flat_fill_cannot(teacher_logits):
+    """Fitted on 64 views, measured on 32 others: a code of the teacher's 6 directions rebuilds it to within
+    its quantisation, at tau 1 and 3; rank 0 (the mean's shape) does far worse; a finer step does better."""
+    fit, held = teacher_logits[:64], teacher_logits[64:]
+    kl = {}
+    for rank, step in ((0, 0.5), (6, 0.5), (6, 0.2)):
+        code = LogitCode.fit(fit, rank, step)
+        entry = StoreEntry.from_logits(held, 5, code)
+        kl[rank, step] = [rebuild_kl(held, entry, code, tau).mean().item() for tau in (1.0, 3.0)]
+        assert all((rebuild_kl(held, entry, code, tau) >= -1e-6).all() for tau in (1.0, 3.0))
+    assert kl[6, 0.5][1] < 0.01 and kl[6, 0.5][0] < 0.05
+    assert kl[0, 0.5][1] > 20 * kl[6, 0.5][1]
+    assert kl[6, 0.2][1] < kl[6, 0.5][1] / 3  # error ~ step^2 (6.25x here)
+
+
+def test_a_direction_too_wide_for_int8_gets_a_wider_step_not_clipped():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, 8, generator=g) * torch.tensor([300.0, 1, 1, 1, 1, 1, 1, 1])  # class 0 spans +-1000
+    code = LogitCode.fit(logits, 8, 0.5)
+    assert code.steps[0] > 0.5 and (code.steps[1:] == 0.5).all()
+    coords = (logits - code.mean) @ code.basis.T
+    assert (code.encode(logits).abs() < 127).all()  # no coordinate clipped
+    assert ((code.decode(code.encode(logits)) - logits).abs().max() <= code.steps.sum() / 2 + 1e-3)
+    assert ((code.encode(logits).float() * code.steps - coords).abs() <= code.steps / 2 + 1e-4).all()
 
 
 def test_confident_teacher_with_no_leftover_stays_finite():
-    logits = torch.tensor([[60.0, 0.0, -30.0, -30.0]])  # leftover mass ~ 1e-26: below fp16 resolution
-    rebuilt = teacher_log_probs(*compress_teacher_logits(logits, 1), 4, 1.0)
-    assert torch.isfinite(rebuilt).all()
-    assert teacher_top1(compress_teacher_logits(logits, 1)[1]).item() == 0
+    logits = torch.tensor([[60.0, 0.0, -30.0, -30.0], [1.0, 0.5, 0.0, -1.0]])  # leftover ~1e-26: below fp16
+    code = LogitCode.fit(logits, 1, 0.5)
+    entry = StoreEntry.from_logits(logits, 1, code)
+    assert torch.isfinite(teacher_log_probs(entry, code, 1.0)).all()
+    assert teacher_top1(entry.topk_classes).tolist() == [0, 0]
+
+
+def test_a_tau_the_store_did_not_measure_or_cannot_serve_is_refused():
+    error = {"views": 100, "kl_mean": [[0.5, 0.2], [1.0, 0.04], [3.0, 0.008]]}
+    assert served_kl(error, 1.0, 0.05) == 0.04
+    assert served_kl(error, 2.0, 0.05) == 0.04  # the largest measured tau below: the KL falls with tau
+    assert served_kl(error, 7.0, 0.05) == 0.008
+    with pytest.raises(InputError, match="down to tau=0.5, not at --tau 0.3"):
+        served_kl(error, 0.3, 0.05)
+    with pytest.raises(InputError, match="tau=0.5 with a mean KL of 0.2 nats, above --max-target-kl 0.05"):
+        served_kl(error, 0.7, 0.05)

@@ -1,9 +1,8 @@
 """The teacher store on its own (DESIGN invariant 3): units and their commit markers, a layout cut short,
-refusals that name the field, the same store on S3 (moto's server), and bytes per view in ImageNet's shape."""
+refusals that name the field, the same store on S3 (moto's server), and the logit code kept once."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from deit_pipe.storage.shards import ShardInfo
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
 
 K = 3
+RANK = 2  # logit code coordinates per view
 TEACHER = {"name": "regnetx_002", "weights_sha256": "ab" * 32, "input": {"img_size": 32}, "precision": "fp32"}
 RECIPE = {"img_size": 32, "seed": 0}
 
@@ -28,19 +28,24 @@ def manifest(num_samples: int = 10, per_shard: int = 4, num_classes: int = 5) ->
 
 
 def binding(m: ShardManifest, **changes) -> dict:
-    return {**store_binding(m, "r" * 64, TEACHER, len(m.classes), K), **changes}
+    code = {"kind": "pca-int8", "rank": RANK, "step": 0.5, "fit_views": 9}
+    return {**store_binding(m, "r" * 64, TEACHER, len(m.classes), K, code), **changes}
 
 
 def record(n: int, seed: int) -> ViewRecord:
     rng = np.random.default_rng(seed)
     logits = -np.sort(-rng.normal(size=(n, K)), axis=1).astype(np.float16)
     return ViewRecord(logits, rng.integers(0, 5, (n, K)).astype(np.uint16), rng.normal(size=n).astype(np.float32),
+                      rng.integers(-127, 128, (n, RANK)).astype(np.int8),
                       rng.integers(0, 10, n).astype(np.int32), rng.random(n).astype(np.float32),
                       rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32))
 
 
 def create(url: str, m: ShardManifest, views: int = 2) -> TeacherStore:
-    return TeacherStore.create(url, "train", binding(m), views, {"recipe": RECIPE})
+    basis = np.eye(RANK, 5, dtype=np.float32)
+    code = (np.zeros(5, np.float32), basis, np.full(RANK, 0.5, np.float32))
+    return TeacherStore.create(url, "train", binding(m), views, {"recipe": RECIPE}, code,
+                               {"views": 2, "kl_mean": [[1.0, 0.01]]})
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -62,7 +67,7 @@ def test_units_round_trip_and_count_only_once_committed(url):
     put_atomic(join(url, "train", "_commits", "000001-00000.tmp-1234"), b"")
     assert store.committed_units() == {(0, 0), (2, 1)}
     got = TeacherStore.open(url, "train").read_unit(2, 1)
-    for name in ("logits", "classes", "lse", "partner", "lam", "digest"):
+    for name in ("logits", "classes", "tail_lse", "code", "partner", "lam", "digest"):
         assert getattr(got, name).tobytes() == getattr(last, name).tobytes(), name
     with pytest.raises(InputError, match="shard 1 view 0 is not committed"):
         store.read_unit(1, 0)
@@ -112,10 +117,14 @@ def test_appending_views_rewrites_no_chunk(tmp_path):
     assert reopened.read_unit(1, 1).digest.tobytes() == record(4, seed=3).digest.tobytes()
 
 
-def test_imagenet_shaped_store_needs_at_most_48_bytes_per_view(tmp_path):
-    """1000 classes, 1000-sample shards, k=10, teacher-like logits (bench/teacher_logits.py measures it)."""
-    path = Path(__file__).parents[1] / "bench" / "teacher_logits.py"
-    spec = importlib.util.spec_from_file_location("bench_teacher_logits", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.teacher_like_store(str(tmp_path / "store"), shards=1, views=1) <= 48
+def test_the_logit_code_is_kept_once_and_bound(tmp_path):
+    m = manifest()
+    store = create(str(tmp_path / "store"), m)
+    mean, basis, steps = TeacherStore.open(store.url, "train").code_arrays()
+    assert mean.tobytes() == np.zeros(5, np.float32).tobytes()
+    assert basis.tobytes() == np.eye(RANK, 5, dtype=np.float32).tobytes()
+    assert steps.tobytes() == np.full(RANK, 0.5, np.float32).tobytes()
+    assert store.attrs["code_error"] == {"views": 2, "kl_mean": [[1.0, 0.01]]}
+    other = {"kind": "pca-int8", "rank": 3, "step": 0.5, "fit_views": 9}
+    with pytest.raises(InputError, match="code.rank is 2 in the store but 3 here"):
+        store.check_binding(binding(m, code=other))

@@ -27,11 +27,12 @@ from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.schedule import EpochPlan, rank_items
 from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.views import ViewMaker
-from deit_pipe.loss.teacher_targets import TeacherTargets
+from deit_pipe.loss.teacher_targets import LogitCode, TeacherTargets
 from deit_pipe.models.export import export_safetensors
 from deit_pipe.models.registry import create_student, create_teacher
 from deit_pipe.pipeline.cli import main
 from deit_pipe.storage.manifest import ShardManifest
+from deit_pipe.storage.teacher_store import TeacherStore
 
 VIEWS = 6
 TINY_DEIT = ["--model", "deit_tiny_distilled_patch16_224", "--patch-size", "4", "--depth", "2",
@@ -130,7 +131,7 @@ def test_cached_targets_equal_the_online_teacher_on_the_same_views(data):
         with torch.inference_mode():
             logits = teacher(batch.images)
         online = TeacherTargets.from_logits(logits, tau=1.0)
-        cached = TeacherTargets.from_topk(stored.logits.float(), stored.classes, stored.lse, 10, tau=1.0)
+        cached = TeacherTargets.from_store(stored, LogitCode.of_store(TeacherStore.open(data["store"], "train")), 1.0)
         assert torch.equal(cached.top1, online.top1)
         # k = all classes: the cached distribution is the teacher's up to fp16 rounding of the logits.
         fp16_step = logits.abs().max().item() * 2.0**-10
