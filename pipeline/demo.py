@@ -1,8 +1,9 @@
 """`deit-pipe demo`: the whole pipeline on Fashion-MNIST, end to end, in one command.
 
 ImageFolder -> shards -> a small RegNet teacher trained by our own train stage -> the teacher store ->
-the same small DeiT student four ways (no distillation; hard and soft from the store; hard with the
-online teacher), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step runs the real CLI in a
+the same small DeiT student six ways (no distillation; hard and soft from the store; hard and soft with
+the online teacher; soft from a second store that keeps only the top-2 of the 10 classes and no logit
+code, which makes the cost of a poor tail visible), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step runs the real CLI in a
 subprocess, exactly as a user would, and is skipped when its output already exists, so a rerun
 picks up where the last one stopped (a training run cut short resumes from its last checkpoint).
 The results table (markdown + JSON) and plots land in OUT.
@@ -59,7 +60,10 @@ STUDENT_RUNS = {
     "hard_store": ("hard", "store"),
     "soft_store": ("soft", "store"),
     "hard_online": ("hard", "online"),
+    "soft_online": ("soft", "online"),
+    "soft_store_k2": ("soft", "store_k2"),
 }
+POOR_STORE = ["--topk", "2", "--code-rank", "0"]  # the tail takes the mean logits' shape
 
 
 def _cli(*args: str, ranks: int = 1) -> None:
@@ -92,6 +96,7 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
     os.makedirs(os.path.join(out, "steps"), exist_ok=True)
     images, runs = join(out, "fashion-mnist"), join(out, "runs")
     shards, store = shards or join(out, "shards"), store or join(out, "teacher-store")
+    poor_store = store.rstrip("/") + "-k2"
     views = -(-cfg.student_epochs // cfg.repeats) * cfg.repeats
     common = ["--img-size", str(cfg.img_size), "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
               "--zero", "2", "--seed", str(cfg.seed)]
@@ -109,15 +114,18 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
         "--lr", str(cfg.teacher_lr), "--recipe", cfg.teacher_recipe, *common, ranks=cfg.ranks))
 
     # A store can exist half-computed: the step is done when the command that completes it returned.
-    store_done = join(out, "steps", "teacher-logits.done")
-    _unless_done(out, "teacher-logits", store_done, lambda: (_cli(
-        "teacher-logits", shards, store, "--teacher", cfg.teacher, "--teacher-weights", teacher_weights,
-        "--views", str(views), "--img-size", str(cfg.img_size), "--batch-size", "256", "--workers", "1",
-        "--precision", "fp32", "--seed", str(cfg.seed)), open(store_done, "w").close()))
+    for step, url, extra in (("teacher-logits", store, []), ("teacher-logits-k2", poor_store, POOR_STORE)):
+        store_done = join(out, "steps", step + ".done")
+        _unless_done(out, step, store_done, lambda: (_cli(
+            "teacher-logits", shards, url, "--teacher", cfg.teacher, "--teacher-weights", teacher_weights,
+            "--views", str(views), "--img-size", str(cfg.img_size), "--batch-size", "256", "--workers", "1",
+            "--precision", "fp32", "--seed", str(cfg.seed), *extra), open(store_done, "w").close()))
 
     for name, (distillation, source) in STUDENT_RUNS.items():
         run_dir = join(runs, name)
         teacher_args = {"store": ["--logits", store],
+                        # Past the default --max-target-kl on purpose: this run shows what a poor tail costs.
+                        "store_k2": ["--logits", poor_store, "--max-target-kl", "100"],
                         # fp32 like the store, so the two hard students get the same teacher answers.
                         "online": ["--teacher-online", cfg.teacher, "--teacher-weights", teacher_weights,
                                    "--teacher-precision", "fp32"],
@@ -127,10 +135,10 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
             distillation, *teacher_args, "--epochs", str(cfg.student_epochs), "--repeats", str(cfg.repeats),
             "--warmup-epochs", "1", "--lr-per-step", "--precision", "bf16", "--lr", str(cfg.lr), *common, ranks=cfg.ranks))
 
-    return write_results(out, cfg, store)
+    return write_results(out, cfg, {"store": store, "store_k2": poor_store})
 
 
-def write_results(out: str, cfg: DemoConfig, store: str) -> dict:
+def write_results(out: str, cfg: DemoConfig, stores: dict[str, str]) -> dict:
     from deit_pipe.storage.teacher_store import TeacherStore
 
     runs = join(out, "runs")
@@ -143,14 +151,18 @@ def write_results(out: str, cfg: DemoConfig, store: str) -> dict:
         wall = float(Path(timing).read_text()) if os.path.exists(timing) else None  # None: done outside the demo
         return {**res["final"], "wall_s": wall, "images_per_s": res["images_per_s"]}
 
-    teacher_store = TeacherStore.open(store, "train")
-    store_bytes = teacher_store.nbytes_stored()
-    views_stored = teacher_store.num_views * int(teacher_store.attrs["num_samples"])
+    def store_summary(url: str) -> dict:
+        store = TeacherStore.open(url, "train")
+        views = store.num_views * int(store.attrs["num_samples"])
+        kl = dict(store.attrs["code_error"]["kl_mean"])
+        return {"k": store.k, "code_rank": store.attrs["code"]["rank"], "bytes": store.nbytes_stored(),
+                "views": views, "bytes_per_view": store.nbytes_stored() / views, "kl_tau1": kl[1.0], "kl_tau3": kl[3.0]}
+
     results = {
         "config": asdict(cfg),
         "teacher": summary("teacher"),
         "students": {name: summary(name) for name in STUDENT_RUNS},
-        "store": {"bytes": store_bytes, "views": views_stored, "bytes_per_view": store_bytes / views_stored},
+        "stores": {name: store_summary(url) for name, url in stores.items()},
     }
     with open(join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -177,7 +189,10 @@ def results_table(results: dict) -> str:
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
         lines.append(f"| {name} | {pct(r, 'avg_top1')} | {pct(r, 'cls_top1')} | {pct(r, 'dist_top1')} | "
                      f"{pct(r, 'avg_top5')} | {wall} | {r['images_per_s']:.0f} |")
-    s = results["store"]
+    lines += ["", "| teacher store | top-k | code rank | bytes/view | KL tau=1 | KL tau=3 |", "|---|---|---|---|---|---|"]
+    for name, s in results["stores"].items():
+        lines.append(f"| {name} | {s['k']} | {s['code_rank']} | {s['bytes_per_view']:.1f} | {s['kl_tau1']:.4f} | "
+                     f"{s['kl_tau3']:.4f} |")
     lines.append("")
-    lines.append(f"Teacher store: {s['bytes']} bytes for {s['views']} views = {s['bytes_per_view']:.1f} bytes/view.")
+    lines.append("KL: mean KL(teacher || distribution rebuilt from the store) on held-out views, in nats.")
     return "\n".join(lines) + "\n"

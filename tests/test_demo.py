@@ -29,7 +29,11 @@ def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bu
     assert exists(manifest_url(shards, "train")) and exists(manifest_url(shards, "val"))
     teacher_store = TeacherStore.open(store, "train")
     assert teacher_store.committed_units() == {(s, 0) for s in range(4)}  # 120 images / 30, one view each
-    assert results["store"]["views"] == 120 and 0 < results["store"]["bytes_per_view"] < 200
+    stores = results["stores"]
+    assert stores["store"]["views"] == stores["store_k2"]["views"] == 120
+    assert (stores["store"]["k"], stores["store"]["code_rank"]) == (10, 10)
+    assert (stores["store_k2"]["k"], stores["store_k2"]["code_rank"]) == (2, 0)
+    assert TeacherStore.open(f"{store}-k2", "train").attrs["code_error"]["kl_mean"][1] == [1.0, stores["store_k2"]["kl_tau1"]]
     assert set(results["students"]) == set(demo.STUDENT_RUNS)
     for name, row in {"teacher": results["teacher"], **results["students"]}.items():
         assert 0 <= row["avg_top1"] <= 100 and row["wall_s"] > 0 and row["images_per_s"] > 0, name
