@@ -25,6 +25,7 @@ fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0": fashion-mn
 
 # Benchmarks of the stages (ratios measured side by side in one run).
 bench: fashion-mnist-source
+    pip install --quiet --disable-pip-version-check -e '.[bench]'
     python bench/all.py
 
 # The main job: Fashion-MNIST -> shards -> RegNet teacher -> teacher store -> four DeiT students (results + plots).

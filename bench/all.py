@@ -15,6 +15,8 @@ BENCHES = {
     "shard": ("bench/shard.py", "shard images/s vs tar -cf (copy mode)"),
     "teacher-logits": ("bench/teacher_logits.py",
                        "teacher-logits views/s vs raw teacher forward (goal >= 0.9 in the split layout)"),
+    "teacher-code": ("bench/teacher_code.py",
+                     "bytes/view vs KL of the rebuilt teacher, real ImageNet teacher (goal <= 200 B, KL <= 0.05 / 0.01)"),
     "train": ("bench/train.py", "student images/s: cached targets vs no distillation (goal >= 0.97)"),
 }
 
@@ -35,7 +37,8 @@ def main(argv: list[str]) -> None:
                              stdout=subprocess.PIPE).stdout
         print(out, flush=True)
         rows += [(name, line.strip()) for line in out.splitlines() if line.strip().startswith("ratio")]
-        rows += [(name, line.strip()) for line in out.splitlines() if "bytes per view" in line or "store, " in line]
+        rows += [(name, line.strip()) for line in out.splitlines() if "bytes per view" in line or "store, " in line
+                 or "(default)" in line]
     print("== summary")
     print(f"| {'stage':15} | measurement |")
     print(f"|{'-' * 17}|-------------|")

@@ -2,7 +2,9 @@
 
 Epochs come in groups of R (the repeat count). Group g uses views gR .. gR+R-1 of every sample; those R
 views share one mixing pairing (the recipe's `pairing_views` is a multiple of R), so the R copies of a
-shard walk the same cycle.
+shard walk the same cycle. With R smaller than pairing_views (R = 1 on DeiT's recipe), consecutive groups
+in one block of pairing_views share mixing partners and the order within each shard (views, lambdas and
+shard order still differ); a store made with `--recipe '{"pairing_views": 1}'` avoids it.
 
 The group's walk: its shards in a seeded order, each along its mixing cycle. An element is one copy of one
 walk position, numbered as DeiT's RASampler numbers them, the R copies of a sample side by side: element x
@@ -16,7 +18,8 @@ rank gets the same quota, the most whole optimizer steps that fit in the epoch (
 step's elements are left out); team t takes the next size(t) x quota elements of the epoch. Each micro
 batch block of a team (size(t) x B elements) is ordered copy-major and cut into size(t) pieces of B, one
 per member: the R copies of a sample land in one micro batch on R different ranks (one rank's batch when
-the world is smaller than R), and a piece is a few runs along one shard's cycle in one view, so a rank
+the world is smaller than R; a sample cut by a block's edge has its copies in two consecutive steps, as
+RASampler's at its steps' edges), and a piece is a few runs along one shard's cycle in one view, so a rank
 rebuilds n + 1 unmixed views for n mixed ones. A team's members read the team's shards whole: O(shards)
 object requests an epoch. Everything is a pure function of (manifest, seed, epoch, world, batch).
 """

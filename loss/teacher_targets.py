@@ -131,13 +131,17 @@ def rebuild_kl(full_logits: Tensor, entry: StoreEntry, code: LogitCode, tau: flo
 
 
 def served_kl(code_error: dict, tau: float, max_kl: float) -> float:
-    """The mean KL a store's targets cost at `tau`: its measurement at the largest measured temperature <= tau
-    (the KL of a code falls as tau grows). Refused below the smallest one, or above `max_kl`."""
-    measured = [(t, kl) for t, kl in code_error["kl_mean"] if t <= tau]
-    if not measured:
-        raise InputError(f"the teacher store measured its targets' error down to tau={code_error['kl_mean'][0][0]}, "
-                         f"not at --tau {tau}")
-    at, kl = max(measured)
+    """The mean KL a store's targets cost at `tau`: the larger of its measurements at the two measured
+    temperatures around tau (the KL need not fall or rise with tau: the top-k and the tail's mass are exact
+    at tau 1, the tail's shape weighs more at higher tau). Refused outside the measured range, or above
+    `max_kl`."""
+    measured = sorted((float(t), kl) for t, kl in code_error["kl_mean"])
+    below = [m for m in measured if m[0] <= tau]
+    above = [m for m in measured if m[0] >= tau]
+    if not below or not above:
+        raise InputError(f"the teacher store measured its targets' error at tau {measured[0][0]:g} to "
+                         f"{measured[-1][0]:g}, not at --tau {tau:g}")
+    at, kl = max(below[-1], above[0], key=lambda m: m[1])
     if kl > max_kl:
         raise InputError(f"the teacher store rebuilds the teacher at tau={at:g} with a mean KL of {kl:.3g} nats, "
                          f"above --max-target-kl {max_kl:g} (make a store with a larger --code-rank or --topk)")

@@ -364,6 +364,9 @@ def hash_seed(*parts: int) -> int:
 def run(cfg: TrainConfig) -> dict:
     r = StudentRun(cfg)
     os.makedirs(cfg.output, exist_ok=True)
+    if r.target_kl is not None and r.ctx.is_main:
+        print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
+              f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     # Rank 0's loss at every step (its own micro batch), line-buffered so a killed run keeps it.
     step_log = open(os.path.join(cfg.output, "steps.jsonl"), "a", buffering=1) if r.ctx.is_main else None

@@ -220,11 +220,14 @@ def test_confident_teacher_with_no_leftover_stays_finite():
 
 
 def test_a_tau_the_store_did_not_measure_or_cannot_serve_is_refused():
-    error = {"views": 100, "kl_mean": [[0.5, 0.2], [1.0, 0.04], [3.0, 0.008]]}
-    assert served_kl(error, 1.0, 0.05) == 0.04
-    assert served_kl(error, 2.0, 0.05) == 0.04  # the largest measured tau below: the KL falls with tau
-    assert served_kl(error, 7.0, 0.05) == 0.008
-    with pytest.raises(InputError, match="down to tau=0.5, not at --tau 0.3"):
+    error = {"views": 100, "kl_mean": [[0.5, 0.2], [1.0, 0.004], [3.0, 0.03], [5.0, 0.02]]}
+    assert served_kl(error, 1.0, 0.05) == 0.004
+    assert served_kl(error, 2.0, 0.05) == 0.03  # the worse of the two measured around it
+    assert served_kl(error, 4.0, 0.05) == 0.03
+    assert served_kl(error, 5.0, 0.05) == 0.02
+    with pytest.raises(InputError, match="at tau 0.5 to 5, not at --tau 0.3"):
         served_kl(error, 0.3, 0.05)
+    with pytest.raises(InputError, match="not at --tau 7"):
+        served_kl(error, 7.0, 0.05)
     with pytest.raises(InputError, match="tau=0.5 with a mean KL of 0.2 nats, above --max-target-kl 0.05"):
         served_kl(error, 0.7, 0.05)

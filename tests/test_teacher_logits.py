@@ -379,3 +379,14 @@ def test_refusal_from_a_real_process_is_one_line(shards, reference):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip()] and "teacher.weights_sha256" in err
+
+
+def test_the_teacher_runs_in_fp32_unless_asked():
+    """A store is paid for once: bf16 flips 1-2% of top-1s on the demo's teacher (bench/teacher_precision.py)."""
+    import typer.main
+
+    from deit_pipe.pipeline.cli import app
+
+    command = typer.main.get_command(app).commands["teacher-logits"]
+    assert next(p for p in command.params if p.name == "precision").default == "fp32"
+    assert stage.TeacherSpec("regnetx_002", None).precision == "fp32"
