@@ -248,11 +248,12 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(data, stopped, tmp_path):
     assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
     (state,) = rank_states(out)
     assert state["world_size"] == 1
-    # Epoch 1: 4 steps of 16 samples before, so 64 / 8 = step 8 of the 1-rank plan; the 1-rank plan then
-    # runs the rest of epoch 1 and all of epoch 2.
+    # 200 samples, R = 3: epoch 0 holds 66 x 3 = 198 views, 12 steps of 2 x 8; the stop at 13 is 1 step into epoch 1.
+    # 1 step of 16 samples before, so 16 / 8 = step 2 of the 1-rank plan; the 1-rank plan then runs the
+    # rest of epoch 1 and all of epoch 2.
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     resumed = steps[13]
-    assert (resumed["epoch"], resumed["step"]) == (1, 8)
+    assert (resumed["epoch"], resumed["step"]) == (1, 2)
     assert steps[-1]["epoch"] == 2 and state["total_steps"] == steps[-1]["total_steps"]
     assert json.loads((out / "results.json").read_text())["completed"]
     assert exported_digest(out) == state["param_sha256"]
