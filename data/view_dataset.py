@@ -98,12 +98,7 @@ class ViewDataset(Dataset):
                 f"replay drift in shard {piece.shard} view {piece.v}: the views rebuilt here differ from the "
                 f"ones the teacher scored (run `deit-pipe verify-store`)"
             )
-        return StoreEntry(
-            topk_logits=torch.from_numpy(rec.logits[rows]),
-            topk_classes=torch.from_numpy(rec.classes[rows].astype(np.int64)),
-            tail_lse=torch.from_numpy(rec.tail_lse[rows]),
-            codes=torch.from_numpy(rec.code[rows]),
-        )
+        return StoreEntry.of_record(rec, rows)
 
     def __getitem__(self, i: int) -> tuple[list[ViewPiece], ViewBatch, StoreEntry | None]:
         pieces = self.plan[i]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deit_pipe.errors import InputError
-from deit_pipe.storage.teacher_store import TeacherStore
+from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
 
 _INT8_MAX = 127
 
@@ -96,6 +96,12 @@ class StoreEntry:
         values, classes = logits.topk(k, dim=1, largest=True, sorted=True)
         tail_lse = torch.logsumexp(logits.scatter(1, classes, float("-inf")), dim=1)
         return cls(values.half(), classes.to(torch.int32), tail_lse, code.encode(logits))
+
+    @classmethod
+    def of_record(cls, record: ViewRecord, rows) -> StoreEntry:
+        """The entries of a store unit's `rows` (positions within the shard)."""
+        return cls(torch.from_numpy(record.logits[rows]), torch.from_numpy(record.classes[rows].astype("int64")),
+                   torch.from_numpy(record.tail_lse[rows]), torch.from_numpy(record.code[rows]))
 
     def to(self, device) -> StoreEntry:
         return StoreEntry(*(t.to(device) for t in (self.topk_logits, self.topk_classes, self.tail_lse, self.codes)))

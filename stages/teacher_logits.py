@@ -39,7 +39,7 @@ from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
 
 
-# Temperatures at which a store measures the KL its code costs (a reader trains at one of them or above).
+# Temperatures at which a store measures the KL its code costs (a reader's tau must lie within them).
 ERROR_TAUS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
 
 
@@ -58,9 +58,14 @@ class CodeSpec:
     step: float = 0.7
     fit_views: int = 4096
 
+    def held_out(self, num_samples: int) -> torch.Tensor:
+        """[pool] bool over the views the code is fitted from: every fifth measures its cost (none if < 5)."""
+        held = torch.zeros(min(self.fit_views, num_samples), dtype=torch.bool)
+        held[4::5] = len(held) >= 5
+        return held
+
     def binding(self, num_samples: int, num_classes: int) -> dict:
-        pool = min(self.fit_views, num_samples)
-        fitted = pool - len(range(4, pool, 5)) if pool >= 5 else pool
+        fitted = int((~self.held_out(num_samples)).sum())
         return {"kind": "pca-int8", "rank": max(0, min(self.rank, num_classes, fitted - 1)), "step": self.step,
                 "fit_views": fitted}
 
@@ -80,17 +85,15 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.d
 def fit_code(model, device, teacher: TeacherSpec, spec: CodeSpec, k: int, maker: ViewMaker, manifest: ShardManifest,
              shards: str, batch_size: int, workers: int) -> tuple[LogitCode, dict]:
     """(the code, its measured cost): fitted on view 0 of the first fit_views samples but every fifth."""
-    pool, units = min(spec.fit_views, manifest.num_samples), []
-    while sum(len(manifest.shard_range(s)) for s, _ in units) < pool:
-        units.append((len(units), 0))
+    held = spec.held_out(manifest.num_samples)
+    pool = len(held)
+    units = [(s, 0) for s in range(manifest.shard_of(pool - 1) + 1)]
     loader = DataLoader(ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size)), batch_size=None,
                         num_workers=workers)
     with torch.inference_mode():
         logits = torch.cat([teacher_logits(model, batch.images, device, teacher.precision)
                             for _, batch, _ in tqdm(loader, desc="fitting the logit code", unit="batch", disable=None)])
     logits = logits[:pool]
-    held = torch.zeros(pool, dtype=torch.bool)
-    held[4::5] = pool >= 5
     code = LogitCode.fit(logits[~held], spec.rank, spec.step)
     measured = logits[held] if held.any() else logits
     entry = StoreEntry.from_logits(measured, k, code)

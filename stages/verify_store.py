@@ -4,7 +4,8 @@ It refuses a store bound to other shards or another recipe, reports the store's 
 then, for a sample of committed units, rebuilds the views from the shards (digests must match: no
 replay drift), re-runs the teacher on them and reports top-1 agreement, the largest stored-logit error
 (in fp16 units in the last place: up to about 1 is fp16 rounding) and, at each temperature asked for, the
-KL between the teacher's distribution and the one rebuilt from the stored entry (top-k and logit code). A store made with a random-weights teacher
+KL between the teacher's distribution and the one rebuilt from the stored entry (top-k and logit code).
+A store made with a random-weights teacher
 (weights_sha256 "none") cannot have its teacher rebuilt: only the digests are checked.
 """
 
@@ -83,8 +84,7 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
             top1_ok += int((logits.argmax(1).numpy() == stored.classes[rows, 0]).sum())
             recomputed = np.take_along_axis(logits.numpy(), stored.classes[rows].astype(np.int64), axis=1)
             max_ulps = max(max_ulps, float(fp16_ulps(stored.logits[rows], recomputed).max()))
-            entry = StoreEntry(*(torch.from_numpy(a[rows]) for a in (stored.logits, stored.classes.astype(np.int64),
-                                                                      stored.tail_lse, stored.code)))
+            entry = StoreEntry.of_record(stored, rows)
             for tau in taus:
                 kls[tau].append(rebuild_kl(logits, entry, code, tau))
     report.update({"views_checked": views, "digest_match_rate": digests_ok / views, "teacher_rerun": rerun})
