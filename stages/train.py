@@ -381,7 +381,7 @@ def run(cfg: TrainConfig) -> dict:
             total_steps += 1
             if r.ctx.is_main:
                 step_log.write(json.dumps({"epoch": epoch, "step": step, "total_steps": total_steps,
-                                           "loss": losses[-1]}) + "\n")
+                                           "loss": losses[-1], "lr": r.engine.optimizer.param_groups[0]["lr"]}) + "\n")
             images_seen += len(batch.idx)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{len(losses) * r.samples_per_step / (time.time() - t0):.0f}")
