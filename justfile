@@ -31,3 +31,9 @@ bench: fashion-mnist-source
 # The main job: Fashion-MNIST -> shards -> RegNet teacher -> teacher store -> four DeiT students (results + plots).
 demo out="demo-output" *args: fashion-mnist-source
     deit-pipe demo {{out}} {{args}}
+
+# Mutation testing (mutmut) of the modules correctness rests on, against the fast suite: score per module and
+# the surviving mutants. Not part of CI (tens of minutes). `./just mutate --again` reruns only the survivors.
+mutate *args: fashion-mnist-source
+    pip install --quiet --disable-pip-version-check -e '.[mutation]'
+    python tests/mutate.py {{args}}

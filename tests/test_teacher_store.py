@@ -115,6 +115,9 @@ def test_appending_views_rewrites_no_chunk(tmp_path):
     assert reopened.num_views == 5 and reopened.group["digest"].shape == (10, 5)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in chunks} == chunks
     assert reopened.read_unit(1, 1).digest.tobytes() == record(4, seed=3).digest.tobytes()
+    # The other ranks wait for the grown layout's marker (DESIGN: `_commits/layout-<views>`), not for a day.
+    markers = sorted(p.name for p in (Path(url) / "train" / "_commits").iterdir())
+    assert markers == ["000001-00001", "layout", "layout-2", "layout-5"]
 
 
 def test_the_logit_code_is_kept_once_and_bound(tmp_path):

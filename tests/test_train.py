@@ -305,3 +305,75 @@ def test_replay_drift_inside_the_ranks_is_one_line_per_rank(data, tmp_path):
     assert proc.returncode == 2
     assert len(errors) == 2 and all("replay drift" in line for line in errors)
     assert "Traceback" not in proc.stderr
+
+
+# ---- one step, in process --------------------------------------------------------------------------
+
+
+class _RecordingEngine:
+    """DeepSpeed's engine surface that train_step uses, around a real timm DeiT: forward, backward, step."""
+
+    def __init__(self, module):
+        self.module, self.backward_losses, self.steps = module, [], 0
+
+    def __call__(self, images):
+        return self.module(images)
+
+    def backward(self, loss):
+        self.backward_losses.append(loss)
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("distillation", ["hard", "soft"])
+def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
+    """StudentRun.train_step on one batch equals DeiT's loss written out: SoftTargetCrossEntropy of the class
+    head on lam * smooth(label) + (1 - lam) * smooth(partner label) (timm's mixup_target of the flipped batch,
+    smoothing 0.1), plus the teacher's term on the distillation head, alpha 0.5 (DeiT losses.py)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from timm.data.mixup import mixup_target
+
+    from deit_pipe.data.views import ViewBatch
+    from deit_pipe.loss.deit import DistillationLoss
+    from deit_pipe.optim.schedule import LRSchedule
+    from deit_pipe.stages.train import StudentRun, TrainConfig
+
+    torch.manual_seed(0)
+    student = create_student("deit_tiny_distilled_patch16_224", 10, img_size=32, patch_size=8, depth=1,
+                             embed_dim=32, num_heads=2, drop_path_rate=0.0)
+    student.set_distilled_training(True)
+    n, lam, tau = 4, 0.7, 3.0 if distillation == "soft" else 1.0
+    label = torch.tensor([1, 4, 4, 9])
+    batch = ViewBatch(idx=torch.arange(n), v=torch.zeros(n, dtype=torch.int64),
+                      images=torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(2)), label=label,
+                      partner=torch.arange(n).flip(0), partner_label=label.flip(0), lam=torch.full((n,), lam),
+                      digest=torch.zeros(n, dtype=torch.int64))
+    teacher_logits = torch.randn(n, 10, generator=torch.Generator().manual_seed(3))
+    cfg = TrainConfig(shards="unused", output="unused", distillation=distillation, tau=tau, seed=5,
+                      schedule=LRSchedule(epochs=10))
+    positions = []
+    run = SimpleNamespace(
+        cfg=cfg, ctx=SimpleNamespace(rank=0), device=torch.device("cpu"), dtype=torch.float32, num_classes=10,
+        recipe=ViewRecipe(img_size=32), engine=_RecordingEngine(student), steps_in=lambda epoch: 4,
+        lr_scheduler=SimpleNamespace(step=positions.append),
+        criterion=DistillationLoss(distillation, 0.5, tau, "sum_numel"),
+        teacher_targets=lambda images, stored: TeacherTargets.from_logits(teacher_logits, tau),
+    )
+    loss = StudentRun.train_step(run, batch, None, epoch=2, step=1)
+
+    with torch.no_grad():
+        cls_logits, dist_logits = student(batch.images)
+    targets = mixup_target(label, 10, lam=lam, smoothing=0.1)
+    base = torch.sum(-targets * F.log_softmax(cls_logits, dim=-1), dim=-1).mean()
+    if distillation == "hard":
+        distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+    else:  # DeiT: kl_div(log_softmax(s / T), log_softmax(t / T), sum, log_target) * T * T / numel
+        p_t = F.softmax(teacher_logits / tau, dim=1)
+        kl = (p_t * (F.log_softmax(teacher_logits / tau, dim=1) - F.log_softmax(dist_logits / tau, dim=1))).sum()
+        distill = kl * tau * tau / dist_logits.numel()
+    assert loss == pytest.approx((0.5 * base + 0.5 * distill).item(), rel=1e-5)
+    assert run.engine.steps == 1 and len(run.engine.backward_losses) == 1
+    assert positions == [1]  # DeiT steps the cosine after each epoch: epoch 2 trains at its value at 1

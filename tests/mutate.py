@@ -1,0 +1,159 @@
+"""Mutation testing of the modules the correctness of a run rests on (`./just mutate`).
+
+mutmut 3 names each mutant after its file's path and matches it against the module the tests import, so it
+needs a tree where the path is the import name. deit-pipe's floors live in top-level folders mapped to
+`deit_pipe.*` by setuptools; this script assembles that tree (deit_pipe/<floor>/..., tests/, a pyproject
+with mutmut's settings) under work-data/mutation, runs mutmut there against the fast suite, and prints the
+score per module and the surviving mutants (their diffs go to work-data/mutation/survivors.txt).
+
+    python tests/mutate.py                  # a fresh run over every module below
+    python tests/mutate.py --again          # rerun the previous run's survivors only (after adding tests)
+    python tests/mutate.py --only optim/schedule.py
+    python tests/mutate.py --check NAME tests/test_loss.py   # does this test file kill mutant NAME?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGING = ROOT / "work-data" / "mutation"  # --staging changes it (one tree per concurrent run)
+
+# The modules issue 11 names: losses, optimizer and schedule, the epoch plan, the loader, the views, the store,
+# the model registry. Paths are relative to the repository root.
+MODULES = [
+    "loss/deit.py",
+    "loss/teacher_targets.py",
+    "optim/schedule.py",
+    "data/schedule.py",
+    "data/view_dataset.py",
+    "data/views.py",
+    "storage/teacher_store.py",
+    "models/registry.py",
+]
+
+KILLED = {1, 3, 36, -24, 24, 152, 255, 37}  # a failing test, a pytest error, a timeout, the type checker
+
+
+def package_dirs() -> dict[str, str]:
+    """deit_pipe.<floor> -> folder, as pyproject.toml maps them."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return config["tool"]["setuptools"]["package-dir"]
+
+
+def assemble(modules: list[str]) -> None:
+    """The staging tree: every floor under deit_pipe/, the tests, and mutmut's settings."""
+    if STAGING.exists():
+        shutil.rmtree(STAGING)
+    STAGING.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package, folder in package_dirs().items():
+        target = STAGING / Path(*package.split("."))
+        shutil.copytree(ROOT / folder, target, ignore=ignore)
+    shutil.copytree(ROOT / "tests", STAGING / "tests", ignore=ignore)
+    folder_of = {folder: package for package, folder in package_dirs().items()}
+    only = []
+    for module in modules:
+        folder, name = module.split("/", 1)
+        only.append("/".join(folder_of[folder].split(".")) + "/" + name)
+    pytest_section = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    settings = {
+        "source_paths": ["deit_pipe"],
+        "only_mutate": only,
+        # the fast suite: no processes, seconds per module
+        "pytest_add_cli_args": ["-m", "not slow", "-x", "-q", "-p", "no:cacheprovider"],
+        "pytest_add_cli_args_test_selection": ["tests"],
+        "use_git_change_detection": False,
+        # A mutant that hangs (a barrier that never opens, a loop that never ends) is a kill: stop it at a
+        # few times its tests' own duration instead of mutmut's 15x.
+        "timeout_multiplier": 3.0,
+        "timeout_constant": 10.0,
+    }
+    lines = ["[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    lines += ["", "[tool.pytest.ini_options]"] + [f"{key} = {json.dumps(value)}" for key, value in pytest_section.items()]
+    (STAGING / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def mutmut(*args: str, log: Path | None = None) -> str:
+    """Runs mutmut in the staging tree; its spinner goes to `log` when given."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log or os.devnull, "w") as sink:
+        done = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=STAGING, env=env, text=True,
+                              stdout=subprocess.PIPE if log is None else sink, stderr=subprocess.STDOUT, check=False)
+    return done.stdout or ""
+
+
+def verdicts() -> dict[str, dict[str, int | None]]:
+    """module (repository path) -> mutant name -> mutmut's exit code, from mutmut's .meta files."""
+    folder_of = {package: folder for package, folder in package_dirs().items()}
+    out: dict[str, dict[str, int | None]] = {}
+    for meta in sorted((STAGING / "mutants" / "deit_pipe").rglob("*.py.meta")):
+        relative = meta.relative_to(STAGING / "mutants").with_suffix("")  # deit_pipe/loss/deit.py
+        package = ".".join(relative.parent.parts)
+        module = f"{folder_of[package]}/{relative.name}"
+        out[module] = json.loads(meta.read_text())["exit_code_by_key"]
+    return out
+
+
+def report(results: dict[str, dict[str, int | None]]) -> list[str]:
+    survivors = []
+    total = Counter()
+    print(f"{'module':28s} {'mutants':>8s} {'killed':>7s} {'survived':>9s} {'score':>7s}")
+    for module, codes in results.items():
+        killed = sum(code in KILLED for code in codes.values())
+        alive = [name for name, code in codes.items() if code not in KILLED]
+        survivors += alive
+        total.update(mutants=len(codes), killed=killed)
+        print(f"{module:28s} {len(codes):8d} {killed:7d} {len(alive):9d} {100 * killed / max(len(codes), 1):6.1f}%")
+    print(f"{'all':28s} {total['mutants']:8d} {total['killed']:7d} {total['mutants'] - total['killed']:9d} "
+          f"{100 * total['killed'] / max(total['mutants'], 1):6.1f}%")
+    return survivors
+
+
+def main() -> None:
+    global STAGING
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--again", action="store_true", help="rerun only the previous run's survivors")
+    parser.add_argument("--only", action="append", help="a module path (repeatable); default: all of MODULES")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--check", metavar="NAME", help="run the given tests (the repository's, as they are now) "
+                        "against mutant NAME of the last run's tree; exit status 0 = the mutant survives them")
+    parser.add_argument("--staging", type=Path, default=STAGING, help=f"the mutated tree (default {STAGING})")
+    args, pytest_args = parser.parse_known_args()
+    STAGING = args.staging.resolve()
+    if args.check:
+        # `python -m` puts the working directory first on sys.path: the mutated tree shadows the installed one.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MUTANT_UNDER_TEST": args.check}
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+                   *[str(Path(a).resolve()) if Path(a.split("::")[0]).exists() else a for a in pytest_args]]
+        sys.exit(subprocess.run(command, cwd=STAGING / "mutants", env=env, check=False).returncode)
+    if args.again:
+        survivors = [name for codes in verdicts().values() for name, code in codes.items() if code not in KILLED]
+        # fresh copies of the tests (the sources are unchanged), then only the survivors
+        shutil.rmtree(STAGING / "tests")
+        shutil.copytree(ROOT / "tests", STAGING / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "tests", STAGING / "mutants" / "tests", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        run = ["run", "--max-children", str(args.max_children), *survivors]
+    else:
+        assemble(args.only or MODULES)
+        run = ["run", "--max-children", str(args.max_children)]
+    print(f"mutmut runs the fast suite against each mutant; its log: {STAGING / 'mutmut.log'}", flush=True)
+    mutmut(*run, log=STAGING / "mutmut.log")
+    survivors = report(verdicts())
+    with open(STAGING / "survivors.txt", "w") as out:
+        for name in survivors:
+            out.write(mutmut("show", name) + "\n")
+    print(f"{len(survivors)} survivors; their diffs: {STAGING / 'survivors.txt'}")
+
+
+if __name__ == "__main__":
+    main()
