@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from evaluation import student_top1, val_images
 
 from deit_pipe.pipeline import demo
 from deit_pipe.storage.location import exists
@@ -35,14 +36,21 @@ def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bu
     assert (stores["store_k2"]["k"], stores["store_k2"]["code_rank"]) == (2, 0)
     assert TeacherStore.open(f"{store}-k2", "train").attrs["code_error"]["kl_mean"][1] == [1.0, stores["store_k2"]["kl_tau1"]]
     assert set(results["students"]) == set(demo.STUDENT_RUNS)
-    for name, row in {"teacher": results["teacher"], **results["students"]}.items():
-        assert 0 <= row["avg_top1"] <= 100 and row["wall_s"] > 0 and row["images_per_s"] > 0, name
-        assert (out / "runs" / name / "student.safetensors").exists(), name
-    for name in demo.STUDENT_RUNS:  # the DeiT student has both heads in every run
-        assert {"cls_top1", "dist_top1"} <= set(results["students"][name]), name
+    # Each student's reported top-1 (both heads averaged, and each head) is what its exported weights score
+    # on the 40 val images, counted here with timm's model in eval and in distilled training mode.
+    # Each student's reported top-1 (both heads averaged, and each head) is what its exported weights score on
+    # the 40 val images, counted here with timm alone. The students ran in bf16 on 2 ranks in batches of 16:
+    # rounding may move one image.
+    images, labels = val_images(shards, demo.DemoConfig.img_size)
+    overrides = {"img_size": demo.DemoConfig.img_size, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    for name in demo.STUDENT_RUNS:
+        here = student_top1(out / "runs" / name / "student.safetensors", TINY.student[0], overrides, images, labels,
+                            bf16=True)
+        reported = results["students"][name]
+        assert all(abs(reported[h] - here[h]) <= 100 / 40 for h in here), (name, reported, here)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert "| hard_online |" in (out / "results.md").read_text()
-    assert (out / "students_top1.png").stat().st_size > 0
+    assert (out / "students_top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The rerun finds every step's output and starts no command; the results come out the same.
     launched = []

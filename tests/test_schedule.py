@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.schedule import EpochPlan, epoch_views, rank_items, teams, views_needed
+from deit_pipe.data.schedule import EpochPlan, GroupWalk, epoch_views, rank_items, teams, views_needed
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.errors import InputError
 from deit_pipe.storage.manifest import ShardManifest
@@ -54,6 +54,51 @@ def test_epochs_use_ceil_e_over_r_times_r_views(epochs, repeats):
     used = {v for e in range(epochs) for v in epoch_views(e, repeats, None, False)}
     assert views_needed(epochs, repeats) == math.ceil(epochs / repeats) * repeats
     assert used == set(range(views_needed(epochs, repeats)))
+
+
+@pytest.mark.parametrize("world,repeats,expected", [
+    (1, 1, [range(0, 1)]),
+    (4, 1, [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]),  # R = 1: each rank alone, plain DDP sampling
+    (2, 3, [range(0, 2)]),  # fewer ranks than copies: one team of all of them
+    (3, 3, [range(0, 3)]),
+    (7, 3, [range(0, 4), range(4, 7)]),  # floor(7/3) = 2 teams; the one spare rank joins the first
+    (11, 3, [range(0, 4), range(4, 8), range(8, 11)]),  # 11 = 3 * 3 + 2: the first two teams get one more
+])
+def test_teams_are_floor_w_over_r_contiguous_ranges_spares_first(world, repeats, expected):
+    assert teams(world, repeats) == expected
+
+
+def test_with_w_equal_r_ranks_get_rasamplers_deal():
+    """One team of exactly R ranks: DeiT's RASampler repeats each index R times side by side and gives rank r
+    the elements r, r + W, r + 2W, ...; the plan must deal the same (the R copies of a position in one step)."""
+    plan = EpochPlan(num_samples=12, epoch=0, repeats=3, world=3, batch=2)
+    assert (plan.num_elements, plan.steps, plan.quota) == (12, 2, 4)  # positions 0..3, 12 // (3 * 2) = 2 steps
+    for rank in range(3):
+        assert [x for batch in plan.rank_elements(rank) for x in batch] == list(range(rank, 12, 3))
+    assert plan.rank_elements(1) == [[1, 4], [7, 10]]  # copy 1 of positions 0, 1, then of positions 2, 3
+
+
+def test_teams_take_consecutive_quotas_of_the_epoch():
+    """N = 40, R = 3: epoch 0 holds positions 0..12 (39 elements); 10 ranks x batch 2 -> 39 // 20 = 1 step,
+    quota 2. Teams of 4, 3, 3 ranks start at elements 0, 4 * 2, 7 * 2; a rank outside the world is refused."""
+    plan = EpochPlan(num_samples=40, epoch=0, repeats=3, world=10, batch=2)
+    assert (plan.num_elements, plan.steps, plan.quota) == (39, 1, 2)
+    assert [plan.team_of(r) for r in (0, 3, 4, 6, 7, 9)] == [
+        (range(0, 4), 0), (range(0, 4), 0), (range(4, 7), 8), (range(4, 7), 8), (range(7, 10), 14), (range(7, 10), 14)]
+    # Rank 8, member 1 of the last team: its block is elements 14..19, copy-major 15, 18 | 16, 19 | 14, 17.
+    assert plan.rank_elements(8) == [[16, 19]]
+    with pytest.raises(ValueError, match="rank 10 is outside world 10"):
+        plan.team_of(10)
+
+
+def test_group_shard_order_is_frozen_for_a_seed():
+    """The walk's shard order is numpy's legacy RandomState([seed, group, 0x5EED]) permutation, a stream numpy
+    keeps frozen: a run resumed under another numpy or deit-pipe version sees the same data order. The
+    numbers are that stream's, pinned."""
+    m = manifest(290)  # 12 shards
+    assert GroupWalk(MAKER, m, 0, 0, seed=0).shards == [1, 8, 9, 3, 4, 5, 11, 2, 7, 0, 6, 10]
+    assert GroupWalk(MAKER, m, 1, 0, seed=0).shards == [1, 11, 6, 3, 2, 0, 4, 8, 5, 10, 9, 7]
+    assert GroupWalk(MAKER, m, 0, 0, seed=7).shards == [5, 2, 4, 3, 1, 8, 7, 6, 0, 9, 11, 10]
 
 
 @pytest.mark.parametrize("world,repeats", [(1, 1), (1, 3), (2, 3), (3, 3), (4, 3), (5, 3), (7, 3), (6, 2), (3, 1)])
@@ -165,13 +210,21 @@ def test_order_is_deterministic_from_seed_and_epoch():
 
 def test_past_the_stored_views_is_refused_unless_reuse_is_asked():
     assert epoch_views(5, 3, 6, False) == [3, 4, 5]
-    with pytest.raises(InputError, match="needs view 8 but the teacher store has 6 views"):
+    # The refusal names the view needed and the --views that makes the store cover the whole group.
+    with pytest.raises(InputError, match=r"needs view 8 but the teacher store has 6 views: run "
+                                         r"`deit-pipe teacher-logits --views 9`"):
         epoch_views(6, 3, 6, False)
     assert epoch_views(6, 3, 6, True) == [0, 1, 2]  # explicit opt-in: wraps whole groups
     assert epoch_views(9, 3, 7, True) == [3, 4, 5]
+    assert epoch_views(4, 3, 3, True) == [0, 1, 2]  # exactly R stored views: every group reuses them
+    with pytest.raises(InputError, match="--repeats 3 needs at least 3 stored views, the store has 2"):
+        epoch_views(0, 3, 2, True)  # not even one group's worth: reuse cannot help
     m = manifest()
     with pytest.raises(InputError, match="teacher store has 6 views"):
         rank_items(MAKER, m, EpochPlan(m.num_samples, 7, 3, 1, 4), 0, 0, 6)
+    # rank_items passes the opt-in on: epoch 7 (group 2) then reads group 0's views.
+    reused = rank_items(MAKER, m, EpochPlan(m.num_samples, 7, 3, 1, 4), 0, 0, 6, allow_reuse=True)
+    assert {p.v for item in reused for p in item} == {0, 1, 2}
 
 
 def test_repeats_must_divide_the_recipes_pairing_views():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import random
 import subprocess
 import sys
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +18,19 @@ import pytest
 import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
-from timm.data.mixup import mixup_target
+from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 from torch.utils.data import DataLoader, Dataset
 
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.views import ViewMaker, decode_rgb, mixed_targets, view_digest
+from deit_pipe.data.views import (
+    MixParams,
+    ViewMaker,
+    cycle_walk,
+    decode_rgb,
+    mixed_targets,
+    view_digest,
+    view_key,
+)
 from deit_pipe.errors import InputError
 from deit_pipe.pipeline.fashion_mnist import write_image_folder
 from deit_pipe.storage.shards import ShardSample, read_shard, write_shard
@@ -87,6 +98,40 @@ def _assert_rng_state_equal(before, after):
     assert before[0] == after[0]
     assert all(np.array_equal(x, y) for x, y in zip(before[1], after[1]))
     assert torch.equal(before[2], after[2])
+
+
+@contextmanager
+def _global_rngs_seeded_for(*parts):
+    """The module's seeding rule written out: the key's first six 32-bit words seed python `random` (words
+    0-1), numpy (words 2-3) and torch's CPU generator (words 4-5); the process's states come back after."""
+    words = view_key(*parts).generate_state(6)
+    before = _global_rng_state()
+    random.seed(int(words[0]) | int(words[1]) << 32)
+    np.random.seed(words[2:4])
+    torch.default_generator.manual_seed(int(words[4]) | int(words[5]) << 32)
+    try:
+        yield
+    finally:
+        random.setstate(before[0])
+        np.random.set_state(before[1])
+        torch.set_rng_state(before[2])
+
+
+def _track_unmixed(maker):
+    """Wrap maker.unmixed: returns (computed, held), filled per call with the idx computed and the number of
+    the views computed before it that are still referenced somewhere (weak references tell)."""
+    computed, held, refs = [], [], []
+    unmixed = maker.unmixed
+
+    def tracking(sample, v):
+        held.append(sum(ref() is not None for ref in refs))
+        view = unmixed(sample, v)
+        refs.append(weakref.ref(view))
+        computed.append(sample.idx)
+        return view
+
+    maker.unmixed = tracking
+    return computed, held
 
 
 # ---- recipe -------------------------------------------------------------------------------------------------
@@ -187,6 +232,66 @@ def test_views_identical_with_loader_workers(shards, num_workers):
         _assert_same(got, maker.shard_views(shards[s], s, v, positions))
 
 
+# ---- what each draw is keyed by ----------------------------------------------------------------------------
+
+
+def test_view_key_is_blake2b_of_the_compact_json_of_its_parts():
+    """Every draw's key: SeedSequence(blake2b-128, little endian, of the compact JSON of its parts).
+
+    Teacher logits are stored against the views they saw, so this derivation must never drift.
+    """
+    entropy = int.from_bytes(hashlib.blake2b(b'["view",7,"train",3,2]', digest_size=16).digest(), "little")
+    assert view_key("view", 7, "train", 3, 2).entropy == entropy
+
+
+def test_unmixed_view_is_timms_transform_under_its_own_key(shards):
+    """View v of sample idx is the recipe's timm train transform run under the key ("view", recipe seed,
+    split, idx, v): the recipe seed, the split, the sample and v all feed it, and nothing else does."""
+    maker = ViewMaker(RECIPE, SPLIT)
+    for sample, v in [(shards[0][1], 0), (shards[1][2], 4)]:
+        with _global_rngs_seeded_for("view", RECIPE.seed, SPLIT, sample.idx, v):
+            expected = RECIPE.train_transform()(Image.open(io.BytesIO(sample.image)).convert("RGB"))
+        assert torch.equal(maker.unmixed(sample, v), expected)
+
+
+def test_mix_params_are_the_draws_under_the_mix_key():
+    """Under the key ("mix", seed, split, idx, v): CutMix or Mixup (switch_prob), lambda ~ Beta(alpha, alpha)
+    of that mode, mix or not (mix_prob), then timm's CutMix box with lambda corrected to 1 - clipped box
+    area; lam is kept as a float32 value (what the batch stores)."""
+    recipe = ViewRecipe(img_size=32, seed=7, mix_prob=0.5)
+    maker = ViewMaker(recipe, SPLIT)
+    modes = set()
+    for idx in range(6):
+        for v in range(2):
+            with _global_rngs_seeded_for("mix", recipe.seed, SPLIT, idx, v):
+                cutmix = np.random.rand() < recipe.switch_prob
+                alpha = recipe.cutmix_alpha if cutmix else recipe.mixup_alpha
+                lam = np.random.beta(alpha, alpha)
+                if np.random.rand() >= recipe.mix_prob:
+                    expected = MixParams("none", 1.0)
+                elif cutmix:
+                    box, lam = cutmix_bbox_and_lam((32, 32), lam)
+                    expected = MixParams("cutmix", float(np.float32(lam)), tuple(int(b) for b in box))
+                else:
+                    expected = MixParams("mixup", float(np.float32(lam)))
+            assert maker.mix_params(idx, v) == expected, (idx, v)
+            modes.add(expected.mode)
+    assert modes == {"none", "mixup", "cutmix"}
+
+
+def test_pairing_is_the_permutation_under_the_pair_key_of_a_block_of_views():
+    """Position p's partner is the one after p, cyclically, in RandomState(key ("pair", seed, split, shard,
+    v // pairing_views)).permutation(n): views 0-2 share one pairing (DeiT's repeats), views 3-5 the next."""
+    maker = ViewMaker(RECIPE, SPLIT)
+    assert RECIPE.pairing_views == 3
+    for shard, n in [(0, 6), (1, 5)]:
+        for v in range(6):
+            key = view_key("pair", RECIPE.seed, SPLIT, shard, v // 3)
+            order = np.random.RandomState(key.generate_state(4)).permutation(n).tolist()
+            following = {p: order[(i + 1) % n] for i, p in enumerate(order)}
+            assert maker.partner_positions(shard, n, v).tolist() == [following[p] for p in range(n)], (shard, v)
+
+
 # ---- what the views are ------------------------------------------------------------------------------------
 
 
@@ -226,6 +331,31 @@ def test_partners_are_a_cyclic_pairing_within_the_shard(shards):
     assert maker.shard_views(lone, 0, 0).partner.tolist() == [lone[0].idx]
     with pytest.raises(InputError, match="ascending"):
         maker.shard_views(list(reversed(shards[0])), 0, 0)
+
+
+def test_out_of_order_or_repeated_ids_are_refused():
+    """The pairing is over stored positions, so ids that are not strictly ascending are refused: a single
+    swapped neighbour pair, or one idx given twice."""
+    maker = ViewMaker(RECIPE, SPLIT)
+    for idxs in ([0, 2, 1, 3], [0, 1, 1, 2]):
+        with pytest.raises(InputError, match=r"^shard samples must be given in stored \(ascending idx\) order$"):
+            maker.partners(0, idxs, 0)
+
+
+def test_cycle_walk_starts_at_position_0_by_default():
+    """view_plan orders a shard's work as cycle_walk(partner_pos): 0, partner(0), partner(partner(0)), ..."""
+    partner_pos = np.array([2, 0, 3, 1])  # 0 -> 2 -> 3 -> 1 -> 0
+    assert cycle_walk(partner_pos) == [0, 2, 3, 1]
+    assert cycle_walk(partner_pos, 3) == [3, 1, 0, 2]
+
+
+def test_no_positions_give_an_empty_batch(shards):
+    """A work unit's empty slice gives an empty batch, not an error, also in a shard of one sample."""
+    maker = ViewMaker(RECIPE, SPLIT)
+    for samples in (shards[0], shards[0][:1]):
+        batch = maker.shard_views(samples, 0, 0, positions=[])
+        assert batch.images.shape == (0, 3, 32, 32)
+        assert batch.idx.tolist() == batch.partner.tolist() == batch.digest.tolist() == []
 
 
 @pytest.mark.parametrize(
@@ -273,6 +403,32 @@ def test_no_mixing_keeps_the_unmixed_view(shards):
         assert torch.equal(batch.images[i], maker.unmixed(sample, 0))
 
 
+@pytest.mark.parametrize("mix_prob", [1.0, 0.0])
+def test_each_unmixed_view_is_made_once_and_dropped_after_its_last_use(shards, mix_prob):
+    """shard_views makes each unmixed view it needs exactly once (the requested samples', and their partners'
+    when mixed) and lets go of it once its users are done: along the pairing cycle at most two earlier views
+    are alive when the next is made (one without mixing), so memory does not grow with the shard."""
+    for positions in (None, range(1, 4)):
+        maker = ViewMaker(ViewRecipe(img_size=32, seed=7, mix_prob=mix_prob), SPLIT)
+        computed, held = _track_unmixed(maker)
+        batch = maker.shard_views(shards[0], 0, 1, positions)
+        needed = set(batch.idx.tolist()) | (set(batch.partner.tolist()) if mix_prob else set())
+        assert sorted(computed) == sorted(needed)
+        assert max(held) <= (2 if mix_prob else 1), held
+
+
+def test_work_goes_along_the_pairing_cycle_from_the_first_position_asked_for(shards):
+    """Unmixed views are made along the pairing cycle from the first position asked for, each right before
+    its first use: a run of the cycle (here one that passes position 0) costs its own views and then the
+    last one's partner, in that order, so none is held longer than its two users need."""
+    maker = ViewMaker(RECIPE, SPLIT)
+    walk = cycle_walk(maker.partner_positions(0, len(shards[0]), 1))
+    run = walk[3:] + walk[:2]
+    computed, _ = _track_unmixed(maker)
+    maker.shard_views(shards[0], 0, 1, positions=run)
+    assert computed == [shards[0][p].idx for p in run + [walk[2]]]
+
+
 def test_grayscale_and_palette_images_decode_to_rgb(shards):
     for sample in shards[0][:4]:
         assert decode_rgb(sample.image).mode == "RGB"
@@ -299,6 +455,17 @@ def test_mixed_targets_match_formula_and_timm():
     # timm's batch Mixup pairs each sample with the flipped batch under one lambda: same numbers.
     flipped = mixed_targets(label, label.flip(0), torch.full((4,), 0.3), num_classes=10, smoothing=0.1)
     torch.testing.assert_close(flipped, mixup_target(label, 10, lam=0.3, smoothing=0.1))
+
+
+def test_mixed_targets_are_float32_on_the_labels_device():
+    """Targets are float32 on the labels' device however lam comes: as float64 numpy, or as a CPU list while the
+    labels sit on an accelerator (the meta device stands in for one here). C = 3, smoothing 0.3: off 0.1, on 0.8."""
+    label, partner_label = torch.tensor([2, 0]), torch.tensor([1, 2])
+    targets = mixed_targets(label, partner_label, np.array([0.3, 0.9]), num_classes=3, smoothing=0.3)
+    # row 0: 0.3 * [.1, .1, .8] + 0.7 * [.1, .8, .1]; row 1: 0.9 * [.8, .1, .1] + 0.1 * [.1, .1, .8]
+    torch.testing.assert_close(targets, torch.tensor([[0.1, 0.59, 0.31], [0.73, 0.1, 0.17]]))
+    on_device = mixed_targets(label.to("meta"), partner_label.to("meta"), [0.3, 0.9], num_classes=3, smoothing=0.3)
+    assert on_device.device.type == "meta" and on_device.dtype == torch.float32 and on_device.shape == (2, 3)
 
 
 def test_view_digest_is_pinned():

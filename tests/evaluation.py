@@ -1,0 +1,35 @@
+"""Top-1 of an exported student computed here with timm alone: the independent side of the tests that check
+what a run reports (its eval) and what it exports (its weights)."""
+
+from __future__ import annotations
+
+import safetensors.torch
+import timm
+import torch
+
+from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.views import decode_rgb
+from deit_pipe.storage.manifest import ShardManifest, shard_url
+from deit_pipe.storage.shards import read_shard
+
+
+def val_images(shards: str, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The val split through the recipe's eval transform (timm's centre crop at the view size)."""
+    manifest = ShardManifest.load(shards, "val")
+    transform = ViewRecipe(img_size=img_size).eval_transform()
+    samples = [s for i in range(manifest.num_shards) for s in read_shard(shard_url(shards, "val", i))]
+    return torch.stack([transform(decode_rgb(s.image)) for s in samples]), torch.tensor([s.label for s in samples])
+
+
+def student_top1(weights, arch: str, overrides: dict, images: torch.Tensor, labels: torch.Tensor,
+                 bf16: bool = False) -> dict[str, float]:
+    """{"avg_top1", "cls_top1", "dist_top1"} in percent of a distilled DeiT export, built with timm and loaded
+    strictly. timm returns both heads only in training mode; without drop path that mode computes eval's."""
+    state = safetensors.torch.load_file(str(weights))
+    model = timm.create_model(arch, num_classes=state["head.weight"].shape[0], drop_path_rate=0.0, **overrides)
+    model.load_state_dict(state)
+    model.train().set_distilled_training(True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        cls_logits, dist_logits = (t.float() for t in model(images))
+    heads = {"avg": (cls_logits + dist_logits) / 2, "cls": cls_logits, "dist": dist_logits}
+    return {f"{h}_top1": 100 * (logits.argmax(1) == labels).float().mean().item() for h, logits in heads.items()}

@@ -1,0 +1,218 @@
+"""The loader's datasets (data/view_dataset.py): which samples an item holds, the join of rebuilt views with the
+teacher store's rows (and its refusal when they differ), the two read caches, and the eval slices.
+
+The store here is written by hand, not by a teacher: each row's replay record (partner, lambda, pixel digest)
+is the one ViewMaker rebuilds, and its teacher outputs are a known function of (idx, v), so what the loader
+returns is checked against that function. Real Fashion-MNIST images in shards of 12 (the last one short).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import PILToTensor
+
+from deit_pipe.data import view_dataset
+from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.view_dataset import EvalDataset, RecentlyRead, ShardReader, ViewDataset, concat_batches
+from deit_pipe.data.view_plan import ViewPiece
+from deit_pipe.data.views import ViewBatch, ViewMaker
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.errors import InputError
+from deit_pipe.stages import shard as shard_stage
+from deit_pipe.storage.manifest import ShardManifest, shard_url
+from deit_pipe.storage.shards import read_shard
+from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
+
+SPC = 12  # train: 16 shards of 12 and one of 8; val: 4 of 12 and one of 2
+VIEWS = 4
+MAKER = ViewMaker(ViewRecipe(img_size=32), "train")
+# Units stored as the teacher stage would: two shards' four views, and a ninth unit.
+GOOD_UNITS = [(s, v) for s in (0, 1) for v in range(VIEWS)] + [(2, 0)]
+DRIFT = {"partner": 3, "lam": 4, "digest": 5}  # shard whose view 0 has one row's field changed
+
+
+def teacher_rows(idx: np.ndarray, v) -> dict[str, np.ndarray]:
+    """The fake teacher's outputs for samples idx in views v (k = 2, code rank 1): each a readable function of
+    (idx, v), exact in its stored dtype."""
+    v = np.broadcast_to(v, idx.shape)
+    return {
+        "logits": np.stack([idx, v], 1).astype(np.float16),
+        "classes": np.stack([idx % 10, v], 1).astype(np.uint16),
+        "tail_lse": (idx + v / 4).astype(np.float32),
+        "code": (idx % 100 - 50).astype(np.int8)[:, None],
+    }
+
+
+def samples_of(shards: str, shard: int, split: str = "train") -> list:
+    return list(read_shard(shard_url(shards, split, shard)))
+
+
+def write_unit(store: TeacherStore, samples: list, shard: int, v: int, drift: str | None = None) -> None:
+    batch = MAKER.shard_views(samples, shard, v)
+    replay = {"partner": batch.partner.numpy().astype(np.int32), "lam": batch.lam.numpy(),
+              "digest": batch.digest.numpy().astype(np.uint32)}
+    if drift:  # row 7's field no longer what the views rebuild: another view's teacher output
+        replay[drift][7] = {"partner": lambda x: x + 1, "lam": lambda x: np.nextafter(x, np.float32(2)),
+                            "digest": lambda x: x ^ 1}[drift](replay[drift][7])
+    store.write_unit(shard, v, ViewRecord(**teacher_rows(batch.idx.numpy(), v), **replay))
+
+
+@pytest.fixture(scope="module")
+def shards(fmnist_folder, tmp_path_factory) -> str:
+    dest = tmp_path_factory.mktemp("vd") / "shards"
+    shard_stage.run(str(fmnist_folder), str(dest), shard_stage.ShardOptions(samples_per_shard=SPC), 1, RankContext())
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def manifest(shards) -> ShardManifest:
+    return ShardManifest.load(shards, "train")
+
+
+@pytest.fixture(scope="module")
+def store(shards, manifest, tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("vd") / "store")
+    code = {"kind": "test", "rank": 1}
+    binding = store_binding(manifest, MAKER.recipe.hash(), {"name": "fake"}, 10, 2, code)
+    arrays = (np.zeros(10, np.float32), np.zeros((1, 10), np.float32), np.ones(1, np.float32))
+    teacher_store = TeacherStore.create(url, "train", binding, VIEWS, {}, arrays, {})
+    for shard, v in GOOD_UNITS:
+        write_unit(teacher_store, samples_of(shards, shard), shard, v)
+    for field, shard in DRIFT.items():
+        write_unit(teacher_store, samples_of(shards, shard), shard, 0, drift=field)
+    return url
+
+
+# ------------------------------------------------------------------------------------ the caches
+
+
+def test_recently_read_keeps_the_last_size_keys_least_recent_out_first():
+    """An LRU, not a FIFO: a hit makes a key the most recent, so the next new key evicts the other one."""
+    reads = []
+    cache = RecentlyRead(2, lambda key: reads.append(key) or key * 10)
+    assert [cache[k] for k in (1, 2, 1, 3, 1, 2)] == [10, 20, 10, 30, 10, 20]
+    # 1, 2 read; 1 a hit; 3 evicts 2 (the least recent); 1 a hit; 2 read again (evicting 3).
+    assert reads == [1, 2, 3, 2]
+
+
+def test_shard_reader_returns_a_shard_in_idx_order_and_keeps_the_last_two(shards, manifest, monkeypatch):
+    """A batch may hold the end of one shard and the start of the next: both stay read, a third evicts the
+    least recent."""
+    reads = []
+
+    def counting(url):
+        reads.append(url)
+        return read_shard(url)
+
+    monkeypatch.setattr(view_dataset, "read_shard", counting)
+    reader = ShardReader(shards, "train")
+    for s in (0, 1, 0, 6, 0, 1):
+        assert [x.idx for x in reader.samples(s)] == list(manifest.shard_range(s))
+    assert reads == [shard_url(shards, "train", s) for s in (0, 1, 6, 1)]
+
+
+# ------------------------------------------------------------------------------ training items
+
+
+def test_concat_batches_joins_every_field_in_order():
+    def batch(idxs: list[int], v: int) -> ViewBatch:
+        idx = torch.tensor(idxs)
+        images = idx.float()[:, None, None, None].expand(-1, 3, 2, 2)
+        return ViewBatch(idx=idx, v=torch.full_like(idx, v), images=images, label=idx % 10, partner=idx + 100,
+                         partner_label=idx % 7, lam=idx / 10, digest=idx * 1000)
+
+    one = batch([3], 0)
+    assert concat_batches([one]) is one
+    joined = concat_batches([batch([3], 0), batch([5, 4], 2)])
+    idx = torch.tensor([3, 5, 4])
+    assert torch.equal(joined.idx, idx) and torch.equal(joined.v, torch.tensor([0, 2, 2]))
+    assert torch.equal(joined.images[:, 0, 0, 0], idx.float()) and joined.images.shape == (3, 3, 2, 2)
+    assert torch.equal(joined.label, idx % 10) and torch.equal(joined.partner, idx + 100)
+    assert torch.equal(joined.partner_label, idx % 7) and torch.equal(joined.lam, idx / 10)
+    assert torch.equal(joined.digest, idx * 1000)
+
+
+# Two pieces in two shards and views, positions out of storage order: rows must follow the pieces.
+PIECES = [ViewPiece(1, 2, (5, 0, 11)), ViewPiece(0, 3, (10, 4))]
+
+
+def test_an_item_is_its_pieces_views_without_a_store(shards):
+    pieces, batch, targets = ViewDataset(shards, MAKER, [PIECES[:1], PIECES])[1]
+    assert pieces == PIECES and targets is None
+    assert batch.idx.tolist() == [SPC + 5, SPC + 0, SPC + 11, 10, 4]
+    assert batch.v.tolist() == [2, 2, 2, 3, 3]
+    samples = {s: samples_of(shards, s) for s in (0, 1)}
+    assert batch.label.tolist() == [samples[p.shard][i].label for p in PIECES for i in p.positions]
+    # The pixels are the maker's views of exactly these samples in these views.
+    want = torch.cat([MAKER.shard_views(samples[p.shard], p.shard, p.v, list(p.positions)).images for p in PIECES])
+    assert torch.equal(batch.images, want)
+
+
+def test_an_item_joins_each_view_with_its_own_store_row(shards, store):
+    """The teacher outputs returned are those of the rows (idx, v) of the views returned, in their order."""
+    _, batch, targets = ViewDataset(shards, MAKER, [PIECES], store)[0]
+    assert batch.idx.tolist() == [17, 12, 23, 10, 4] and batch.v.tolist() == [2, 2, 2, 3, 3]
+    want = teacher_rows(batch.idx.numpy(), batch.v.numpy())
+    assert np.array_equal(targets.topk_logits.numpy(), want["logits"])
+    assert np.array_equal(targets.topk_classes.numpy(), want["classes"]) and targets.topk_classes.dtype == torch.int64
+    assert np.array_equal(targets.tail_lse.numpy(), want["tail_lse"])
+    assert np.array_equal(targets.codes.numpy(), want["code"])
+
+
+@pytest.mark.parametrize("field", list(DRIFT))
+def test_a_row_whose_replay_record_differs_is_refused(shards, store, field):
+    """Each of partner, lambda and digest alone must refuse the join (the other two still agree), naming the
+    unit; a piece that leaves the drifted row out joins."""
+    shard = DRIFT[field]
+    with pytest.raises(InputError, match=f"replay drift in shard {shard} view 0: .*verify-store"):
+        ViewDataset(shards, MAKER, [[ViewPiece(shard, 0, (2, 7, 9))]], store)[0]
+    _, _, targets = ViewDataset(shards, MAKER, [[ViewPiece(shard, 0, (2, 9))]], store)[0]
+    assert targets.topk_logits[:, 0].tolist() == [shard * SPC + 2, shard * SPC + 9]
+
+
+def test_a_worker_keeps_two_shards_of_four_views(shards, store, monkeypatch):
+    """A worker keeps 8 store units (two shards x R <= 4 views), opening the store once: walking them again
+    reads nothing, a ninth unit evicts the least recent."""
+    reads, opens = [], []
+    read_unit, open_store = TeacherStore.read_unit, TeacherStore.open
+    monkeypatch.setattr(TeacherStore, "read_unit", lambda self, s, v: reads.append((s, v)) or read_unit(self, s, v))
+    monkeypatch.setattr(TeacherStore, "open", lambda url, split: opens.append(url) or open_store(url, split))
+    eight, ninth = GOOD_UNITS[:8], GOOD_UNITS[8]
+    plan = [[ViewPiece(s, v, (3,))] for s, v in eight + eight + [ninth, (0, 0)]]
+    dataset = ViewDataset(shards, MAKER, plan, store)
+    for i in range(len(plan)):
+        dataset[i]
+    assert reads == eight + [ninth, (0, 0)]
+    assert opens == [store]
+
+
+# ---------------------------------------------------------------------------------- eval slices
+
+
+def source_file(folder: Path, key: str) -> Path:
+    """The ImageFolder file a shard sample came from: its key is the relative path with _xx escapes."""
+    return folder / "val" / re.sub(r"_([0-9a-f]{2})", lambda m: chr(int(m[1], 16)), key)
+
+
+def test_eval_items_are_batch_slices_of_each_shard_with_their_source_pixels(shards, fmnist_folder):
+    """val shards 3 and 4 (12 and 2 samples) in slices of 5: a shard's last slice short, none crossing shards;
+    an item's images are its source files' pixels through the transform, its labels their class folders."""
+    val = ShardManifest.load(shards, "val")
+    dataset = EvalDataset(shards, val, [3, 4], PILToTensor(), 5)
+    assert dataset.items == [(3, 0, 5), (3, 5, 10), (3, 10, 12), (4, 0, 2)]
+    assert len(dataset) == 4
+    keys = {s: [x.key for x in samples_of(shards, s, "val")] for s in (3, 4)}
+    for i, (shard, start, end) in [(2, (3, 10, 12)), (3, (4, 0, 2))]:
+        images, labels = dataset[i]
+        files = [source_file(fmnist_folder, k) for k in keys[shard][start:end]]
+        gray = np.stack([np.asarray(Image.open(f)) for f in files])  # Fashion-MNIST PNGs are 8-bit gray
+        assert images.dtype == torch.uint8 and images.shape == (end - start, 3, 28, 28)
+        assert all(np.array_equal(images[:, c].numpy(), gray) for c in range(3))  # gray -> RGB: equal channels
+        assert labels.dtype == torch.int64
+        assert labels.tolist() == [val.classes.index(f.parent.name) for f in files]
