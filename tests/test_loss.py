@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import numpy as np
 import torch.nn.functional as F
 
 from deit_pipe.errors import InputError
@@ -17,6 +18,7 @@ from deit_pipe.loss.teacher_targets import (
     teacher_log_probs,
     teacher_top1,
 )
+from deit_pipe.storage.teacher_store import ViewRecord
 
 N, C = 6, 10
 
@@ -98,7 +100,8 @@ def test_soft_reductions_differ_by_num_classes(batch, tau):
 
 def test_distillation_refuses_missing_inputs(batch):
     cls_logits, dist_logits, teacher_logits, targets = batch
-    with pytest.raises(InputError, match="distillation token"):
+    without_token = r"distillation token in distilled training mode \(.*use a \*_distilled_\* DeiT or mode none$"
+    with pytest.raises(InputError, match=without_token):
         DistillationLoss(mode="hard")(cls_logits, targets, TeacherTargets.from_logits(teacher_logits, 1.0))
     with pytest.raises(InputError, match="teacher"):
         DistillationLoss(mode="soft")((cls_logits, dist_logits), targets)
@@ -108,6 +111,45 @@ def test_distillation_refuses_missing_inputs(batch):
         )
     with pytest.raises(InputError, match="mode"):
         DistillationLoss(mode="medium")
+
+
+def test_parts_logs_base_and_distill_terms(batch):
+    """The train loop logs parts' "base", "distill" and "total": each is DeiT's term, written out."""
+    cls_logits, dist_logits, teacher_logits, targets = batch
+    parts = DistillationLoss(mode="hard", alpha=0.25).parts(
+        (cls_logits, dist_logits), targets, TeacherTargets.from_logits(teacher_logits, 1.0)
+    )
+    base = soft_target_ce(cls_logits, targets)
+    distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+    assert set(parts) == {"base", "distill", "total"}
+    torch.testing.assert_close(parts["base"], base)
+    torch.testing.assert_close(parts["distill"], distill)
+    torch.testing.assert_close(parts["total"], 0.75 * base + 0.25 * distill)
+    none = DistillationLoss(mode="none").parts(cls_logits, targets)
+    assert set(none) == {"base", "total"}
+    torch.testing.assert_close(none["base"], base)
+
+
+@pytest.mark.parametrize("alpha,want", [(0.0, "base"), (1.0, "distill")])
+def test_alpha_at_either_end_is_accepted_and_keeps_one_term(batch, alpha, want):
+    """alpha 0 (labels only) and 1 (teacher only) are legal settings; DeiT's formula then keeps one term."""
+    cls_logits, dist_logits, teacher_logits, targets = batch
+    parts = DistillationLoss(mode="soft", alpha=alpha).parts(
+        (cls_logits, dist_logits), targets, TeacherTargets.from_logits(teacher_logits, 1.0)
+    )
+    torch.testing.assert_close(parts["total"], parts[want])
+
+
+def test_out_of_range_settings_are_refused_by_name():
+    """alpha outside [0, 1], a tau that is not positive, an unknown reduction: refused, naming the value."""
+    with pytest.raises(InputError, match=r"alpha must lie in \[0, 1\], got 1.5"):
+        DistillationLoss(alpha=1.5)
+    with pytest.raises(InputError, match=r"alpha must lie in \[0, 1\], got -0.1"):
+        DistillationLoss(alpha=-0.1)
+    with pytest.raises(InputError, match="tau must be positive, got 0.0"):
+        DistillationLoss(tau=0.0)
+    with pytest.raises(InputError, match="soft reduction 'mean' is not one of \\['batchmean', 'sum_numel'\\]"):
+        DistillationLoss(soft_reduction="mean")
 
 
 def test_store_targets_drive_the_loss_like_an_online_teacher(batch):
@@ -136,6 +178,7 @@ def test_store_entry_is_what_a_store_holds(teacher_logits):
     entry = StoreEntry.from_logits(teacher_logits, 5, code)
     assert entry.topk_logits.dtype == torch.float16 and entry.tail_lse.dtype == torch.float32
     assert entry.topk_classes.shape == (96, 5) and entry.codes.shape == (96, 8) and entry.codes.dtype == torch.int8
+    assert entry.topk_classes.dtype == torch.int32
     assert torch.all(entry.topk_logits[:, :-1] >= entry.topk_logits[:, 1:])
     below_top5 = teacher_logits.sort(dim=1, descending=True).values[:, 5:]
     torch.testing.assert_close(entry.tail_lse, torch.logsumexp(below_top5, dim=1))
@@ -200,15 +243,78 @@ def test_the_code_keeps_the_tails_shape_a_flat_fill_cannot(teacher_logits):
     assert kl[6, 0.2][1] < kl[6, 0.5][1] / 3  # error ~ step^2 (6.25x here)
 
 
+def test_rebuild_kl_is_the_per_view_kl_from_the_true_teacher(teacher_logits):
+    """rebuild_kl, the cost a store measures and served_kl checks, is per view sum p (log p - log q), with p the
+    teacher's own softmax at tau and q the one rebuilt from its entry (here a code too small to be exact)."""
+    tau = 2.0
+    code = LogitCode.fit(teacher_logits, 2, 0.5)
+    entry = StoreEntry.from_logits(teacher_logits, 5, code)
+    p = F.softmax(teacher_logits / tau, dim=1)
+    want = (p * (p.log() - teacher_log_probs(entry, code, tau))).sum(dim=1)
+    got = rebuild_kl(teacher_logits, entry, code, tau)
+    assert got.shape == (96,) and want.min() > 1e-3
+    torch.testing.assert_close(got, want)
+
+
+def test_code_rank_is_capped_by_the_views_it_is_fitted_on():
+    """n centred views span at most n - 1 directions: asking for more gives n - 1 (a further direction would be
+    noise, a byte per view for nothing). Rank 0 keeps the mean alone, and no views at all give rank 0."""
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(4))
+    assert LogitCode.fit(logits, 8, 0.5).basis.shape == (3, 10)
+    mean_only = LogitCode.fit(logits, 0, 0.5)
+    assert StoreEntry.from_logits(logits, 2, mean_only).codes.shape == (4, 0)
+    torch.testing.assert_close(mean_only.decode(torch.zeros(4, 0, dtype=torch.int8)), logits.mean(0).expand(4, 10))
+    assert LogitCode.fit(torch.empty(0, 10), 8, 0.5).steps.shape == (0,)
+
+
+def test_entry_of_a_store_record_takes_the_rows_asked_for():
+    """A loader reads a shard's record and takes the rows of its views, in the order asked; classes stored as
+    uint16 come back as int64 class indices."""
+    n = 3
+    record = ViewRecord(
+        logits=np.array([[5.0, 1.0], [4.0, 2.0], [3.0, 0.5]], np.float16),
+        classes=np.array([[7, 1], [2, 9], [65535, 0]], np.uint16),
+        tail_lse=np.array([0.1, 0.2, 0.3], np.float32),
+        code=np.array([[1], [-2], [3]], np.int8),
+        partner=np.zeros(n, np.int32), lam=np.ones(n, np.float32), digest=np.zeros(n, np.uint32),
+    )
+    entry = StoreEntry.of_record(record, [2, 0])
+    torch.testing.assert_close(entry.topk_logits, torch.tensor([[3.0, 0.5], [5.0, 1.0]], dtype=torch.float16))
+    assert entry.topk_classes.dtype == torch.int64 and entry.topk_classes.tolist() == [[65535, 0], [7, 1]]
+    torch.testing.assert_close(entry.tail_lse, torch.tensor([0.3, 0.1]))
+    assert entry.codes.dtype == torch.int8 and entry.codes.tolist() == [[3], [1]]
+
+
+def test_code_and_entry_move_to_a_device_whole(teacher_logits):
+    """The train loop moves the code, and each batch's entries, to the GPU: every tensor must go along (the meta
+    device stands in for it)."""
+    code = LogitCode.fit(teacher_logits, 3, 0.5)
+    entry = StoreEntry.from_logits(teacher_logits, 5, code)
+    moved = (*vars(code.to("meta")).values(), *vars(entry.to("meta")).values())
+    assert len(moved) == 7 and all(t.device.type == "meta" for t in moved)
+
+
 def test_a_direction_too_wide_for_int8_gets_a_wider_step_not_clipped():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(50, 8, generator=g) * torch.tensor([300.0, 1, 1, 1, 1, 1, 1, 1])  # class 0 spans +-1000
     code = LogitCode.fit(logits, 8, 0.5)
     assert code.steps[0] > 0.5 and (code.steps[1:] == 0.5).all()
+    assert code.encode(logits)[:, 0].abs().max() == 102  # round(127 / 1.25): a quarter of room to spare
     coords = (logits - code.mean) @ code.basis.T
     assert (code.encode(logits).abs() < 127).all()  # no coordinate clipped
     assert ((code.decode(code.encode(logits)) - logits).abs().max() <= code.steps.sum() / 2 + 1e-3)
     assert ((code.encode(logits).float() * code.steps - coords).abs() <= code.steps / 2 + 1e-4).all()
+
+
+def test_a_view_beyond_the_fitted_range_saturates_its_code_instead_of_wrapping():
+    """The code is fitted on some views and encodes all: a coordinate past 127 steps must stop at +-127 (int8
+    would otherwise wrap 200 steps to -56, flipping the direction's sign)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(20, 6, generator=g)
+    code = LogitCode.fit(logits, 2, 0.5)
+    assert code.steps[0] == 0.5  # not widened: the fitted views stay well inside 127 steps
+    far = code.mean + torch.tensor([[100.0], [-100.0]]) * code.basis[0]  # +-200 steps along the first direction
+    assert code.encode(far)[:, 0].tolist() == [127, -127]
 
 
 def test_confident_teacher_with_no_leftover_stays_finite():
@@ -225,6 +331,7 @@ def test_a_tau_the_store_did_not_measure_or_cannot_serve_is_refused():
     assert served_kl(error, 2.0, 0.05) == 0.03  # the worse of the two measured around it
     assert served_kl(error, 4.0, 0.05) == 0.03
     assert served_kl(error, 5.0, 0.05) == 0.02
+    assert served_kl(error, 3.0, 0.03) == 0.03  # a KL at the limit is still within it
     with pytest.raises(InputError, match="at tau 0.5 to 5, not at --tau 0.3"):
         served_kl(error, 0.3, 0.05)
     with pytest.raises(InputError, match="not at --tau 7"):
