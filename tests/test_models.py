@@ -51,20 +51,35 @@ def test_distilled_student_heads(images):
 def test_convnet_student_refuses_vit_overrides(images):
     model = create_student(REGNET, C)
     assert not is_distilled(model) and set(head_logits(model.eval(), images)) == {"avg"}
-    with pytest.raises(InputError, match="--img-size"):
+    with pytest.raises(InputError, match=r"--img-size applies only to ViT/DeiT models, not 'regnetx_002' "
+                                         r"\(convnets take any input size >= 32 without a size setting\)"):
         create_student(REGNET, C, img_size=32)
     with pytest.raises(InputError, match="--patch-size"):
         create_student(REGNET, C, patch_size=4)
-    with pytest.raises(InputError, match="no distillation token"):
+    with pytest.raises(InputError, match="RegNet has no distillation token; use a"):
         set_distilled_training(model, True)
     with pytest.raises(InputError, match="unknown timm model"):
         create_student("no_such_model", C)
+
+
+def test_student_gets_every_override_deits_drop_path_and_its_input_channels():
+    """Each ViT override reaches timm; stochastic depth defaults to DeiT's 0.1, which timm's ViT spreads
+    linearly over the blocks (depth 2: 0 then 0.1); in_chans=1 gives a student of grayscale views."""
+    model = create_student(DEIT, C, **TINY_VIT)
+    assert (model.embed_dim, model.blocks[0].attn.num_heads) == (48, 3)
+    assert model.patch_embed.proj.kernel_size == (4, 4) and model.patch_embed.proj.in_channels == 3
+    assert isinstance(model.blocks[0].drop_path1, torch.nn.Identity)
+    assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    gray = create_student(DEIT, C, drop_path_rate=0.3, in_chans=1, **TINY_VIT)
+    assert gray.blocks[1].drop_path1.drop_prob == pytest.approx(0.3)
+    assert gray.patch_embed.proj.in_channels == 1 and gray.eval()(torch.randn(2, 1, 32, 32)).shape == (2, C)
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_small_regnet_teacher_takes_small_images(size):
     teacher, digest = create_teacher(REGNET, C, weights=None, img_size=size)
     assert digest == "none" and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())  # frozen: no gradients, no optimizer state
     with torch.no_grad():
         assert teacher(torch.randn(2, 3, size, size)).shape == (2, C)
 
@@ -114,12 +129,34 @@ def test_teacher_refuses_mismatched_weights(tmp_path):
         create_teacher(REGNET, 7, path)
     with pytest.raises(InputError, match="regnetx_002, not regnety_002"):
         create_teacher("regnety_002", C, path)
-    with pytest.raises(InputError, match=r"do not fit deit_tiny_distilled_patch16_224: .*Missing key\(s\)"):
-        path = str(tmp_path / "tiny_deit.safetensors")
-        export_safetensors(timm.create_model(DEIT, pretrained=False, num_classes=C, **TINY_VIT), path)
+    path = str(tmp_path / "tiny_deit.safetensors")
+    export_safetensors(timm.create_model(DEIT, pretrained=False, num_classes=C, **TINY_VIT), path)
+    with pytest.raises(InputError) as info:
         create_teacher(DEIT, C, path, img_size=32)
+    # torch's first two lines as one, cut to 300 characters and " ..." (the missing keys fill thousands).
+    detail = str(info.value).split(f"do not fit {DEIT}: ", 1)[1]
+    assert detail.startswith("Error(s) in loading state_dict for VisionTransformerDistilled: "
+                             'Missing key(s) in state_dict: "blocks.2.norm1.weight", ')
+    assert len(detail) == 300 + len(" ...") and detail.endswith(" ...")
     with pytest.raises(InputError, match="not found"):
         create_teacher(REGNET, C, str(tmp_path / "missing.safetensors"))
+
+
+def test_teacher_refusals_name_the_classifier_or_the_missing_key(tmp_path):
+    """A distilled DeiT has two classifiers (head, head_dist) and each must have the data set's classes;
+    a classifier missing from the weights is a missing key like any other, reported with torch's first
+    two lines (the missing keys) and nothing after them (the unexpected ones)."""
+    path = str(tmp_path / "teacher.safetensors")
+    safetensors.torch.save_file({"head.weight": torch.zeros(C, 192), "head_dist.weight": torch.zeros(7, 192)}, path)
+    with pytest.raises(InputError, match=rf"have 7 classes \(head_dist\), the data set has {C}$"):
+        create_teacher(DEIT, C, path, img_size=32)
+    state = timm.create_model(REGNET, pretrained=False, num_classes=C).state_dict()
+    state["head.fc.kernel"] = state.pop("head.fc.weight")
+    safetensors.torch.save_file(state, path)
+    with pytest.raises(InputError) as info:
+        create_teacher(REGNET, C, path)
+    assert str(info.value) == (f"teacher weights {path} do not fit {REGNET}: Error(s) in loading state_dict for "
+                               'RegNet: Missing key(s) in state_dict: "head.fc.weight".')
 
 
 def test_teacher_weights_from_fsspec_url(images):

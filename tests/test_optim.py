@@ -73,3 +73,20 @@ def test_per_step_evaluates_the_same_curve_at_fractional_epochs():
     assert lr_at(schedule, 128, 0, 5, 10) == pytest.approx(1e-6 + 0.5 * (peak - 1e-6))
     t = 4 + 3 / 10
     assert lr_at(schedule, 128, 4, 3, 10) == pytest.approx(1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 9)))
+
+
+def test_adamw_defaults_to_deits_weight_decay_and_keeps_the_given_lr():
+    """DeiT's weight decay 0.05 when none is given (on the weight; never on the bias); the lr is the one
+    passed, not torch's default of 1e-3."""
+    layer = torch.nn.Linear(3, 2)
+    optimizer = adamw(layer, lr=2.5e-4)
+    decay_of = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of == {id(layer.weight): (2.5e-4, 0.05), id(layer.bias): (2.5e-4, 0.0)}
+
+
+def test_one_cosine_cycle_then_min_lr():
+    """One cosine cycle (cycle_limit 1, what timm's create_scheduler gives DeiT's main.py): from `epochs` on
+    the rate stays at min_lr, with no warm restart at the peak."""
+    schedule = LRSchedule(warmup_epochs=2, epochs=10)
+    for epoch in [11, 12, 16, 21]:  # scheduler positions 10, 11, 15, 20
+        assert lr_at(schedule, 512, epoch) == pytest.approx(1e-5, rel=1e-12), epoch
