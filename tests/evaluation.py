@@ -22,14 +22,15 @@ def val_images(shards: str, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def student_top1(weights, arch: str, overrides: dict, images: torch.Tensor, labels: torch.Tensor,
-                 bf16: bool = False) -> dict[str, float]:
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """{"avg_top1", "cls_top1", "dist_top1"} in percent of a distilled DeiT export, built with timm and loaded
-    strictly. timm returns both heads only in training mode; without drop path that mode computes eval's."""
+    strictly, run in `dtype` as DeepSpeed runs a module (bf16: parameters and inputs cast, no autocast). timm
+    returns both heads only in training mode; without drop path that mode computes eval's."""
     state = safetensors.torch.load_file(str(weights))
     model = timm.create_model(arch, num_classes=state["head.weight"].shape[0], drop_path_rate=0.0, **overrides)
     model.load_state_dict(state)
     model.train().set_distilled_training(True)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        cls_logits, dist_logits = (t.float() for t in model(images))
+    with torch.no_grad():
+        cls_logits, dist_logits = (t.float() for t in model.to(dtype)(images.to(dtype)))
     heads = {"avg": (cls_logits + dist_logits) / 2, "cls": cls_logits, "dist": dist_logits}
     return {f"{h}_top1": 100 * (logits.argmax(1) == labels).float().mean().item() for h, logits in heads.items()}

@@ -148,11 +148,15 @@ def test_a_world_smaller_than_r_puts_copies_in_one_batch(world):
 @pytest.mark.parametrize("num_samples,world", [(25, 1), (25, 2), (7, 1), (290, 7)])
 def test_any_number_of_shards_works_a_single_one_included(num_samples, world):
     m = manifest(num_samples)
+    elements = 0
     for epoch in range(3):
         plan, where, items = placements(m, epoch, 3, world, 2)
-        assert plan.steps > 0
+        # the most whole steps of `world` ranks x 2 that the epoch's elements fill
+        assert plan.steps == plan.num_elements // (world * 2) >= 1
         assert all(len(items[r]) == plan.steps for r in range(world))
         assert all(sum(len(p.positions) for p in item) == 2 for r in range(world) for item in items[r])
+        elements += plan.num_elements
+    assert elements == num_samples * 3  # the group's 3 epochs split its walk: every sample's 3 copies, once
 
 
 @pytest.mark.parametrize("world,repeats,batch", [(1, 3, 8), (3, 3, 8), (4, 3, 6), (8, 3, 4), (2, 1, 5)])
