@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deit_pipe.choices import Precision, check
 from deit_pipe.errors import InputError
 
 
@@ -28,8 +29,7 @@ class EngineSpec:
         """DeepSpeed's config; `load_universal` reads a universal checkpoint (a resume on another world size)."""
         if self.zero not in (0, 1, 2, 3):
             raise InputError(f"--zero must be 0, 1, 2 or 3, not {self.zero}")
-        if self.precision not in ("bf16", "fp32"):
-            raise InputError(f"--precision must be bf16 or fp32, not {self.precision!r}")
+        check(Precision, self.precision, "--precision")
         config = {
             "train_micro_batch_size_per_gpu": self.micro_batch,
             "gradient_accumulation_steps": self.grad_accum,

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
+from deit_pipe.choices import Distillation, SoftReduction, check
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import TeacherTargets
 
 # KL summed over the batch -> loss. DeiT divides by numel (= n * C); batchmean divides by n.
 SOFT_REDUCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "sum_numel": lambda kl_sum, dist_logits: kl_sum / dist_logits.numel(),
-    "batchmean": lambda kl_sum, dist_logits: kl_sum / dist_logits.shape[0],
+    SoftReduction.sum_numel: lambda kl_sum, dist_logits: kl_sum / dist_logits.numel(),
+    SoftReduction.batchmean: lambda kl_sum, dist_logits: kl_sum / dist_logits.shape[0],
 }
 
 
@@ -40,9 +41,9 @@ def hard_distillation(dist_logits: Tensor, teacher: TeacherTargets, reduction: s
 
 
 DISTILLATION_MODES: dict[str, Callable[[Tensor, TeacherTargets, str], Tensor] | None] = {
-    "none": None,
-    "soft": soft_distillation,
-    "hard": hard_distillation,
+    Distillation.none: None,
+    Distillation.soft: soft_distillation,
+    Distillation.hard: hard_distillation,
 }
 
 
@@ -52,10 +53,8 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, soft_reduction: str = "sum_numel"):
         super().__init__()
-        if mode not in DISTILLATION_MODES:
-            raise InputError(f"distillation mode {mode!r} is not one of {sorted(DISTILLATION_MODES)}")
-        if soft_reduction not in SOFT_REDUCTIONS:
-            raise InputError(f"soft reduction {soft_reduction!r} is not one of {sorted(SOFT_REDUCTIONS)}")
+        mode = check(Distillation, mode, "--distillation")
+        soft_reduction = check(SoftReduction, soft_reduction, "--soft-reduction")
         if not 0.0 <= alpha <= 1.0:
             raise InputError(f"distillation alpha must lie in [0, 1], got {alpha}")
         if tau <= 0.0:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from deit_pipe.choices import Distillation, Precision, SoftReduction
 from deit_pipe.errors import InputError
 
 app = typer.Typer(
@@ -60,7 +61,8 @@ def shard(
     max_side: Annotated[int, typer.Option(min=0, help=(
         "Pre-resize: every image re-encoded as JPEG with its longer side at most this many pixels, to cut "
         "decode cost at train time. 0 keeps the original JPEG/PNG bytes."))] = 0,
-    jpeg_quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality of the images --max-side re-encodes.")] = 90,
+    jpeg_quality: Annotated[int, typer.Option(
+        min=1, max=100, help="JPEG quality of the images --max-side re-encodes.")] = 90,
     max_pixels: Annotated[int, typer.Option(min=0, help=(
         "Reject images whose header claims more than this many pixels (width*height; decompression bombs), "
         "before decoding them. 0 = PIL's limit (about 89.5 million)."))] = 0,
@@ -78,21 +80,22 @@ def shard(
     """
     from deit_pipe.stages import shard as stage
 
-    options = stage.ShardOptions(samples_per_shard, seed, max_side, jpeg_quality, max_pixels or stage.DEFAULT_MAX_PIXELS)
+    options = stage.ShardOptions(samples_per_shard, seed, max_side, jpeg_quality,
+                                 max_pixels or stage.DEFAULT_MAX_PIXELS)
     for report in stage.run(src, dest, options, workers or stage.default_workers()):
         for line in stage.summary(report):
             typer.echo(line)
 
 
 Split = Annotated[str, typer.Option(help="Which split's shards (train, val, ...).")]
-RecipeJSON = Annotated[Optional[str], typer.Option(
+RecipeJSON = Annotated[str | None, typer.Option(
     "--recipe",
     help='View recipe fields to change from DeiT\'s defaults, as JSON or a path to a JSON file, e.g. '
     '\'{"auto_augment": null, "reprob": 0}\'. Fields: img_size mean std interpolation scale ratio hflip '
     'auto_augment color_jitter reprob remode recount mixup_alpha cutmix_alpha mix_prob switch_prob smoothing seed.')]
 
 
-def recipe_overrides(text: Optional[str]) -> dict:
+def recipe_overrides(text: str | None) -> dict:
     """`--recipe`: inline JSON or the path of a JSON file, an object of ViewRecipe fields."""
     if not text:
         return {}
@@ -117,8 +120,9 @@ Device = Annotated[str, typer.Option(help="torch device for the teacher: cpu, cu
 def teacher_logits(
     shards: Annotated[str, typer.Argument(help="Shard root written by `deit-pipe shard` (any fsspec URL).")],
     store: Annotated[str, typer.Argument(help="Teacher store URL (Zarr v3): local path, s3://, gs://, memory://.")],
-    teacher: Annotated[str, typer.Option(help="timm model name of the teacher (DeiT uses regnety_160).")] = "regnety_160",
-    teacher_weights: Annotated[Optional[str], typer.Option(
+    teacher: Annotated[str, typer.Option(
+        help="timm model name of the teacher (DeiT uses regnety_160).")] = "regnety_160",
+    teacher_weights: Annotated[str | None, typer.Option(
         help="Teacher weights, .safetensors or .pth (loaded weights-only), local path or fsspec URL. "
         "Nothing is downloaded: without it the teacher is random (for smoke tests only).")] = None,
     views: Annotated[int, typer.Option(help="Views per sample to store (one per training epoch, see DESIGN).")] = 1,
@@ -134,7 +138,8 @@ def teacher_logits(
     code_fit_views: Annotated[int, typer.Option(
         min=1, help="Views (view 0 of the first samples) the code is fitted on; every fifth measures its KL.")] = 4096,
     img_size: Annotated[int, typer.Option(help="View size in pixels; binds the store to the recipe.")] = 224,
-    seed: Annotated[int, typer.Option(help="View recipe seed: views are a pure function of (seed, split, idx, view).")] = 0,
+    seed: Annotated[int, typer.Option(
+        help="View recipe seed: views are a pure function of (seed, split, idx, view).")] = 0,
     recipe: RecipeJSON = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 64,
     workers: Annotated[int, typer.Option(min=0, help=(
@@ -142,9 +147,9 @@ def teacher_logits(
         "With the teacher on CPU: leave them cores (torch threads, OMP_NUM_THREADS), or 0 to build the "
         "views between teacher batches."))] = 2,
     device: Device = "cpu",
-    precision: Annotated[str, typer.Option(
+    precision: Annotated[Precision, typer.Option(
         help="Teacher precision: fp32 (default: a bf16 forward flips 1-2% of top-1s and most stored logits) "
-        "or bf16.")] = "fp32",
+        "or bf16.")] = Precision.fp32,
     split: Split = "train",
 ) -> None:
     """Run the teacher ONCE over replayable views and store, per (sample, view), its top-k logits and a code
@@ -156,10 +161,8 @@ def teacher_logits(
     from deit_pipe.data.recipe import ViewRecipe
     from deit_pipe.stages import teacher_logits as stage
 
-    if precision not in ("bf16", "fp32"):
-        raise InputError(f"--precision must be bf16 or fp32, not {precision!r}")
     summary = stage.run(
-        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision),
+        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision.value),
         ViewRecipe(img_size=img_size, seed=seed).with_overrides(recipe_overrides(recipe)),
         views=views, k=topk, split=split, batch_size=batch_size, workers=workers, device=device,
         code=stage.CodeSpec(code_rank, code_step, code_fit_views),
@@ -174,10 +177,10 @@ def teacher_logits(
 def verify_store(
     shards: Annotated[str, typer.Argument(help="Shard root the store was computed from.")],
     store: Annotated[str, typer.Argument(help="Teacher store URL.")],
-    teacher_weights: Annotated[Optional[str], typer.Option(help="The teacher weights the store was made with.")] = None,
+    teacher_weights: Annotated[str | None, typer.Option(help="The teacher weights the store was made with.")] = None,
     units: Annotated[int, typer.Option(help="How many (shard, view) units to re-check.")] = 4,
     views_per_unit: Annotated[int, typer.Option(help="Views re-checked in each unit.")] = 64,
-    tau: Annotated[Optional[list[float]], typer.Option(
+    tau: Annotated[list[float] | None, typer.Option(
         help="Temperature at which to report the KL of the rebuilt teacher distribution (repeatable; "
         "default 1 and 3).")] = None,
     device: Device = "cpu",
@@ -209,45 +212,54 @@ def verify_store(
 def train(
     shards: Annotated[str, typer.Argument(help="Shard root with train/ (and val/ for evaluation).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Run folder: checkpoints, metrics, plot, student.")],
-    logits: Annotated[Optional[str], typer.Option(help="Teacher store (cached targets) for soft/hard distillation.")] = None,
-    model: Annotated[str, typer.Option(help="timm student: a *_distilled_* DeiT, or any model with --distillation none.")] = (
+    logits: Annotated[str | None, typer.Option(
+        help="Teacher store (cached targets) for soft/hard distillation.")] = None,
+    model: Annotated[str, typer.Option(
+        help="timm student: a *_distilled_* DeiT, or any model with --distillation none.")] = (
         "deit_tiny_distilled_patch16_224"
     ),
-    distillation: Annotated[str, typer.Option(help="none | soft | hard (DeiT's default).")] = "hard",
+    distillation: Annotated[Distillation, typer.Option(
+        help="DeiT's distillation type: hard (the teacher's top-1; DeiT's choice), soft (KL at --tau) or none.")
+    ] = Distillation.hard,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
     tau: Annotated[float, typer.Option(help="Soft distillation temperature.")] = 1.0,
     max_target_kl: Annotated[float, typer.Option(
         help="Refuse soft targets from a store whose rebuilt teacher is further than this mean KL (nats) at --tau.")
     ] = 0.05,
-    soft_reduction: Annotated[str, typer.Option(help="sum_numel (DeiT's) or batchmean.")] = "sum_numel",
-    teacher_online: Annotated[Optional[str], typer.Option(
+    soft_reduction: Annotated[SoftReduction, typer.Option(
+        help="The soft KL sum over the batch divided by n x classes (DeiT's) or by n (batchmean).")
+    ] = SoftReduction.sum_numel,
+    teacher_online: Annotated[str | None, typer.Option(
         help="DeiT's original mode: run this timm teacher on every batch instead of reading a store.")] = None,
-    teacher_weights: Annotated[Optional[str], typer.Option(help="Weights of the online teacher.")] = None,
-    teacher_precision: Annotated[Optional[str], typer.Option(
-        help="The online teacher's precision, bf16 or fp32 (default: --precision); match the store's to compare.")] = None,
+    teacher_weights: Annotated[str | None, typer.Option(help="Weights of the online teacher.")] = None,
+    teacher_precision: Annotated[Precision | None, typer.Option(
+        help="The online teacher's precision (default: --precision); match the store's to compare.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs; with R repeats they use ceil(E/R)*R stored views.")] = 300,
     batch_size: Annotated[int, typer.Option(help="Micro batch per rank.")] = 64,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     repeats: Annotated[int, typer.Option(help="Repeated augmentation count R (DeiT: 3).")] = 3,
-    img_size: Annotated[Optional[int], typer.Option(help="View size without a store (a store brings its own).")] = None,
-    patch_size: Annotated[Optional[int], typer.Option(help="ViT/DeiT patch size override (small data).")] = None,
-    depth: Annotated[Optional[int], typer.Option(help="ViT/DeiT depth override.")] = None,
-    embed_dim: Annotated[Optional[int], typer.Option(help="ViT/DeiT width override.")] = None,
-    num_heads: Annotated[Optional[int], typer.Option(help="ViT/DeiT attention heads override.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="View size without a store (a store brings its own).")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="ViT/DeiT patch size override (small data).")] = None,
+    depth: Annotated[int | None, typer.Option(help="ViT/DeiT depth override.")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="ViT/DeiT width override.")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="ViT/DeiT attention heads override.")] = None,
     drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
     lr: Annotated[float, typer.Option(help="Learning rate per 512 images of global batch.")] = 5e-4,
     warmup_epochs: Annotated[int, typer.Option(
-        help="Linear warmup from --warmup-lr over these epochs (timm's cosine scheduler, stepped per epoch as in DeiT).")] = 5,
+        help="Linear warmup from --warmup-lr over these epochs (timm's cosine scheduler, stepped per epoch as in "
+        "DeiT).")] = 5,
     warmup_lr: Annotated[float, typer.Option(help="Learning rate of epochs 0 and 1 (DeiT steps the scheduler after "
                                              "each epoch).")] = 1e-6,
     min_lr: Annotated[float, typer.Option(help="Cosine floor.")] = 1e-5,
     lr_per_step: Annotated[bool, typer.Option(
         help="Evaluate the schedule at every step's fractional epoch instead of once per epoch (DeiT).")] = False,
     weight_decay: Annotated[float, typer.Option(
-        help="AdamW weight decay; none on model.no_weight_decay() (pos_embed, cls/dist tokens), biases, norms.")] = 0.05,
-    zero: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0-3.")] = 2,
-    precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    ds_config: Annotated[Optional[str], typer.Option(help="DeepSpeed JSON whose keys override ours.")] = None,
+        help="AdamW weight decay; none on model.no_weight_decay() (pos_embed, cls/dist tokens), biases, "
+        "norms.")] = 0.05,
+    zero: Annotated[int, typer.Option(min=0, max=3, help="DeepSpeed ZeRO stage.")] = 2,
+    precision: Annotated[Precision, typer.Option(help="The student's precision (DeepSpeed's bf16 or fp32).")
+    ] = Precision.bf16,
+    ds_config: Annotated[str | None, typer.Option(help="DeepSpeed JSON whose keys override ours.")] = None,
     seed: Annotated[int, typer.Option(help="Order and view seed (a store brings its own view seed).")] = 0,
     recipe: RecipeJSON = None,
     workers: Annotated[int, typer.Option(help="Loader worker processes per rank.")] = 2,
@@ -266,10 +278,11 @@ def train(
     cfg = stage.TrainConfig(
         shards=shards, output=output, store=logits,
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
-        distillation=distillation, alpha=alpha, tau=tau, max_target_kl=max_target_kl, soft_reduction=soft_reduction,
-        teacher_online=teacher_online, teacher_weights=teacher_weights, teacher_precision=teacher_precision,
+        distillation=distillation.value, alpha=alpha, tau=tau, max_target_kl=max_target_kl,
+        soft_reduction=soft_reduction.value, teacher_online=teacher_online, teacher_weights=teacher_weights,
+        teacher_precision=teacher_precision and teacher_precision.value,
         epochs=epochs, repeats=repeats, seed=seed, img_size=img_size, recipe_overrides=recipe_overrides(recipe),
-        engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
+        engine=EngineSpec(zero, precision.value, batch_size, grad_accum, user_config=ds_config),
         schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs, lr_per_step), weight_decay=weight_decay,
         workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
         max_steps=max_steps,
@@ -292,8 +305,9 @@ def demo(
         "demo-output"
     ),
     full: Annotated[bool, typer.Option(help="All 70,000 images and more epochs (hours on a CPU).")] = False,
-    shards: Annotated[Optional[str], typer.Option(help="Where the shards go (any fsspec URL); default OUT/shards.")] = None,
-    store: Annotated[Optional[str], typer.Option(
+    shards: Annotated[str | None, typer.Option(
+        help="Where the shards go (any fsspec URL); default OUT/shards.")] = None,
+    store: Annotated[str | None, typer.Option(
         help="Where the teacher store goes (any fsspec URL); default OUT/teacher-store.")] = None,
 ) -> None:
     """The main job end to end on Fashion-MNIST: shards, a RegNet teacher, its store, four DeiT students.
@@ -314,7 +328,7 @@ def one_line(exc: InputError) -> str:
     return last[len(prefix):] if last.startswith(prefix) else text
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import deit_pipe
+from deit_pipe.choices import Precision, check
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.view_plan import unit_items
@@ -38,7 +39,6 @@ from deit_pipe.models.registry import create_teacher
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
 
-
 # Temperatures at which a store measures the KL its code costs (a reader's tau must lie within them).
 ERROR_TAUS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
 
@@ -48,6 +48,9 @@ class TeacherSpec:
     name: str
     weights: str | None
     precision: str = "fp32"  # fp32 | bf16
+
+    def __post_init__(self):
+        object.__setattr__(self, "precision", check(Precision, self.precision, "--precision"))
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,8 @@ class UnitBuffer:
         """Rows `rows` of the batch and of its store entries are this unit's `positions`."""
         at = np.asarray(positions)
         a = self.arrays
-        for name, values in (("logits", entry.topk_logits), ("classes", entry.topk_classes), ("tail_lse", entry.tail_lse),
-                             ("code", entry.codes)):
+        for name, values in (("logits", entry.topk_logits), ("classes", entry.topk_classes),
+                             ("tail_lse", entry.tail_lse), ("code", entry.codes)):
             a[name][at] = values[rows].numpy()
         for name in ("partner", "lam", "digest"):
             a[name][at] = getattr(batch, name)[rows].numpy()

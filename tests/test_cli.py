@@ -1,0 +1,61 @@
+"""The CLI's closed choices: typer lists them in --help and refuses others before any work; the Python API
+refuses the same values in one line naming the option (deit_pipe.choices)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deit_pipe.choices import Precision, check
+from deit_pipe.distributed.deepspeed_engine import EngineSpec
+from deit_pipe.errors import InputError
+from deit_pipe.loss.deit import DISTILLATION_MODES, SOFT_REDUCTIONS
+from deit_pipe.pipeline.cli import main
+from deit_pipe.stages.teacher_logits import TeacherSpec
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    """(exit status, stdout + stderr) of the CLI in this process."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_help_lists_every_choice(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps help at the terminal width
+    code, text = run(capsys, "train", "--help")
+    assert code == 0
+    for flag, choices in (("--distillation", "none|soft|hard"), ("--soft-reduction", "sum_numel|batchmean"),
+                          ("--precision", "bf16|fp32"), ("--teacher-precision", "bf16|fp32")):
+        line = next(line for line in text.splitlines() if line.strip("│ ").startswith(f"{flag} "))
+        assert f"<{choices}>" in line or f"[{choices}]" in line, line
+    _, text = run(capsys, "teacher-logits", "--help")
+    assert "bf16|fp32" in text
+
+
+@pytest.mark.parametrize("argv,refused", [
+    (["--distillation", "medium"], "'medium' is not one of 'none', 'soft', 'hard'"),
+    (["--precision", "fp16"], "'fp16' is not one of 'bf16', 'fp32'"),
+    (["--zero", "4"], "--zero"),
+])
+def test_a_value_outside_the_choices_is_a_usage_error(capsys, tmp_path, argv, refused):
+    code, text = run(capsys, "train", str(tmp_path / "no-shards"), "-o", str(tmp_path / "out"), *argv)
+    assert code == 2 and refused in text and "Traceback" not in text
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_the_api_refuses_the_same_values_naming_the_option():
+    assert check(Precision, Precision.bf16, "--precision") == "bf16" and check(Precision, "fp32", "-") == "fp32"
+    with pytest.raises(InputError, match="^--precision must be one of bf16, fp32, not 'fp16'$"):
+        EngineSpec(precision="fp16").config()
+    with pytest.raises(InputError, match="^--precision must be one of bf16, fp32, not 'fp16'$"):
+        TeacherSpec("regnetx_002", None, "fp16")
+    assert TeacherSpec("regnetx_002", None, Precision.bf16).precision == "bf16"  # stored as the plain value
+
+
+def test_the_loss_registries_are_the_choices():
+    assert list(DISTILLATION_MODES) == ["none", "soft", "hard"]
+    assert list(SOFT_REDUCTIONS) == ["sum_numel", "batchmean"]
