@@ -7,9 +7,13 @@ fmnist_src := "/usr/share/datasets/fashion-mnist"
 default:
     @just --list
 
-# Run the whole test suite (CI runs exactly this).
-test *args: fashion-mnist-source
+# Run the linter, then the whole test suite (CI runs exactly this).
+test *args: fashion-mnist-source lint
     OMP_NUM_THREADS=1 python -m pytest -q {{args}}
+
+# ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, modern syntax, bugbear.
+lint:
+    ruff check .
 
 # The suite without the slow multi-process tests.
 test-fast *args: fashion-mnist-source

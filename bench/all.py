@@ -16,7 +16,8 @@ BENCHES = {
     "teacher-logits": ("bench/teacher_logits.py",
                        "teacher-logits views/s vs raw teacher forward (goal >= 0.9 in the split layout)"),
     "teacher-code": ("bench/teacher_code.py",
-                     "bytes/view vs KL of the rebuilt teacher, real ImageNet teacher (goal <= 200 B, KL <= 0.05 / 0.01)"),
+                     "bytes/view vs KL of the rebuilt teacher, real ImageNet teacher "
+                     "(goal <= 200 B, KL <= 0.05 / 0.01)"),
     "train": ("bench/train.py", "student images/s: cached targets vs no distillation (goal >= 0.97)"),
 }
 

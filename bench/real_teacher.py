@@ -44,7 +44,7 @@ def real_photos() -> dict[str, Image.Image]:
     arrays["motorcycle"] = sk.stereo_motorcycle()[0]  # left frame of the stereo pair
     # Grayscale photos too (cameraman, coins, clock): convert("RGB") repeats the channel.
     arrays.update({name: getattr(sk, name)() for name in ("camera", "coins", "clock")})
-    arrays.update(zip(("china", "flower"), load_sample_images().images))
+    arrays.update(zip(("china", "flower"), load_sample_images().images, strict=True))
     return {name: Image.fromarray(a).convert("RGB") for name, a in arrays.items()}
 
 

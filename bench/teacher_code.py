@@ -63,8 +63,9 @@ def stored_bytes_per_view(entry: StoreEntry, code: LogitCode, num_classes: int, 
         digest=rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)))
     fs = fsspec.filesystem("memory")
     root = url.removeprefix("memory://") + "/train"
-    per_view = sum(fs.du(f"{root}/{name}/c", total=True) for name in ("logits", "classes", "tail_lse", "code", "partner",
-                                                                          "lam", "digest") if fs.exists(f"{root}/{name}/c"))
+    per_view = sum(fs.du(f"{root}/{name}/c", total=True)
+                   for name in ("logits", "classes", "tail_lse", "code", "partner", "lam", "digest")
+                   if fs.exists(f"{root}/{name}/c"))
     one_off = sum(fs.du(f"{root}/{name}", total=True) for name in CODE_ARRAYS if fs.exists(f"{root}/{name}"))
     fs.rm(url.removeprefix("memory://"), recursive=True)
     return per_view / n, one_off

@@ -4,7 +4,8 @@
 
 The demo's trained teacher (OUT/runs/teacher/student.safetensors) scores its own mixed training views
 (OUT/shards, the demo's recipe) in fp32, under bf16 and fp16 autocast, and with a bf16 body but an fp32
-classifier (and fp32 again in other batches, the rounding of other kernel shapes). For each: the share of logits whose fp16 value (what the store keeps) equals the fp32
+classifier (and fp32 again in other batches, the rounding of other kernel shapes). For each: the share of
+logits whose fp16 value (what the store keeps) equals the fp32
 forward's, and the share of views whose top-1 agrees with it. Goal for the default: >= 99% and >= 99.9%.
 """
 

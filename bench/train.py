@@ -36,7 +36,8 @@ def prepare(tmp: Path, args) -> tuple[str, str, str]:
     from deit_pipe.models.registry import create_teacher
 
     quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    subprocess.run([*DEIT_PIPE, "fashion-mnist", str(tmp / "fm"), "--limit", str(args.limit), "--val-limit", "10"], **quiet)
+    subprocess.run([*DEIT_PIPE, "fashion-mnist", str(tmp / "fm"), "--limit", str(args.limit), "--val-limit", "10"],
+                   **quiet)
     subprocess.run([*DEIT_PIPE, "shard", str(tmp / "fm"), str(tmp / "shards"), "--samples-per-shard", "250"], **quiet)
     torch.manual_seed(0)
     teacher, _ = create_teacher(args.teacher, 10, None, img_size=args.img_size)

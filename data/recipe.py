@@ -73,13 +73,13 @@ class ViewRecipe:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViewRecipe":
+    def from_dict(cls, d: dict) -> ViewRecipe:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise InputError(f"unknown view recipe fields: {sorted(unknown)}")
         return cls(**d)
 
-    def with_overrides(self, overrides: dict) -> "ViewRecipe":
+    def with_overrides(self, overrides: dict) -> ViewRecipe:
         """This recipe with some fields replaced (unknown fields refused)."""
         return ViewRecipe.from_dict({**self.to_dict(), **overrides})
 

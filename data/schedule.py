@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import pairwise
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def teams(world: int, repeats: int) -> list[range]:
     count = max(world // repeats, 1)
     base, extra = divmod(world, count)
     starts = [t * base + min(t, extra) for t in range(count + 1)]
-    return [range(a, b) for a, b in zip(starts, starts[1:])]
+    return [range(a, b) for a, b in pairwise(starts)]
 
 
 @dataclass(frozen=True)

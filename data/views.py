@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -226,7 +227,7 @@ class ViewMaker:
 
 def _check_ascending(idxs: Sequence[int]) -> None:
     # The pairing is over stored positions: another order would silently give other partners.
-    if any(a >= b for a, b in zip(idxs, idxs[1:])):
+    if any(a >= b for a, b in pairwise(idxs)):
         raise InputError("shard samples must be given in stored (ascending idx) order")
 
 

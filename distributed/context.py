@@ -13,7 +13,7 @@ class RankContext:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "RankContext":
+    def from_env(cls) -> RankContext:
         env = os.environ
         rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
         world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))

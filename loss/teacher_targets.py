@@ -8,7 +8,8 @@ A store entry per (idx, view) holds
 - a code of the whole logit vector: its coordinates in a basis of the teacher's logit space (the
   principal directions of the teacher's logits on this data set's views, fitted once per store), each
   rounded to a multiple of its step and stored as int8. The step is the store's `step` in logit units,
-  widened for a direction whose coordinates would not fit in int8 (a teacher with very large logits). A teacher's logits vary along few directions, so a
+  widened for a direction whose coordinates would not fit in int8 (a teacher with very large logits). A
+  teacher's logits vary along few directions, so a
   few hundred coarse coordinates keep the shape of the tail, which a flat fill cannot: on mixed DeiT views a
   real 1000-class teacher keeps ~40% of its mass outside the top-10 at tau = 1 and ~94% at tau = 3.
 

@@ -3,7 +3,8 @@
 ImageFolder -> shards -> a small RegNet teacher trained by our own train stage -> the teacher store ->
 the same small DeiT student six ways (no distillation; hard and soft from the store; hard and soft with
 the online teacher; soft from a second store that keeps only the top-2 of the 10 classes and no logit
-code, which makes the cost of a poor tail visible), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step runs the real CLI in a
+code, which makes the cost of a poor tail visible), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step
+runs the real CLI in a
 subprocess, exactly as a user would, and is skipped when its output already exists, so a rerun
 picks up where the last one stopped (a training run cut short resumes from its last checkpoint).
 The results table (markdown + JSON) and plots land in OUT.
@@ -49,7 +50,7 @@ class DemoConfig:
     seed: int = 0
 
     @classmethod
-    def full(cls) -> "DemoConfig":
+    def full(cls) -> DemoConfig:
         return cls(train_images=60000, val_images=10000, samples_per_shard=1000, teacher_epochs=20,
                    student_epochs=30, workers=2)
 
@@ -81,12 +82,16 @@ def _wall_time_file(out: str, step: str) -> str:
     return os.path.join(out, "steps", step + ".wall_s")
 
 
-def _unless_done(out: str, step: str, done: str, command) -> None:
-    """Run `command` unless the step's output `done` (any URL) exists; keep its wall time for the table."""
+def _unless_done(out: str, step: str, done: str, args: list[str], ranks: int = 1, mark_done: bool = False) -> None:
+    """Run deit-pipe `args` unless the step's output `done` (any URL) exists; keep its wall time for the table.
+    With mark_done, `done` is a local marker written once the command returned (for outputs that can exist
+    half made)."""
     if exists(done):
         return
     t0 = time.time()
-    command()
+    _cli(*args, ranks=ranks)
+    if mark_done:
+        open(done, "w").close()
     with open(_wall_time_file(out, step), "w") as f:
         f.write(str(time.time() - t0))
 
@@ -102,24 +107,23 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
               "--zero", "2", "--seed", str(cfg.seed)]
 
     write_image_folder(images, limit=cfg.train_images, val_limit=cfg.val_images)
-    _unless_done(out, "shard", manifest_url(shards, "val"), lambda: _cli(
-        "shard", images, shards, "--samples-per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)))
+    _unless_done(out, "shard", manifest_url(shards, "val"),
+                 ["shard", images, shards, "--samples-per-shard", str(cfg.samples_per_shard), "--seed", str(cfg.seed)])
 
     teacher_dir = join(runs, "teacher")
     teacher_weights = join(teacher_dir, "student.safetensors")
-    _unless_done(out, "teacher", join(teacher_dir, "results.json"), lambda: _cli(
+    _unless_done(out, "teacher", join(teacher_dir, "results.json"), [
         "train", shards, "-o", teacher_dir, "--resume", "--model", cfg.teacher, "--distillation", "none",
         # fp32: bf16 buys a net this small no speed on a CPU, and fp32 keeps the teacher exact.
-        "--epochs", str(cfg.teacher_epochs), "--repeats", "1", "--warmup-epochs", "1", "--lr-per-step", "--precision", "fp32",
-        "--lr", str(cfg.teacher_lr), "--recipe", cfg.teacher_recipe, *common, ranks=cfg.ranks))
+        "--epochs", str(cfg.teacher_epochs), "--repeats", "1", "--warmup-epochs", "1", "--lr-per-step",
+        "--precision", "fp32", "--lr", str(cfg.teacher_lr), "--recipe", cfg.teacher_recipe, *common], ranks=cfg.ranks)
 
     # A store can exist half-computed: the step is done when the command that completes it returned.
     for step, url, extra in (("teacher-logits", store, []), ("teacher-logits-k2", poor_store, POOR_STORE)):
-        store_done = join(out, "steps", step + ".done")
-        _unless_done(out, step, store_done, lambda: (_cli(
+        _unless_done(out, step, join(out, "steps", step + ".done"), [
             "teacher-logits", shards, url, "--teacher", cfg.teacher, "--teacher-weights", teacher_weights,
             "--views", str(views), "--img-size", str(cfg.img_size), "--batch-size", "256", "--workers", "1",
-            "--precision", "fp32", "--seed", str(cfg.seed), *extra), open(store_done, "w").close()))
+            "--precision", "fp32", "--seed", str(cfg.seed), *extra], mark_done=True)
 
     for name, (distillation, source) in STUDENT_RUNS.items():
         run_dir = join(runs, name)
@@ -130,10 +134,11 @@ def run(out: str, cfg: DemoConfig, shards: str | None = None, store: str | None 
                         "online": ["--teacher-online", cfg.teacher, "--teacher-weights", teacher_weights,
                                    "--teacher-precision", "fp32"],
                         None: []}[source]
-        _unless_done(out, name, join(run_dir, "results.json"), lambda: _cli(
+        _unless_done(out, name, join(run_dir, "results.json"), [
             "train", shards, "-o", run_dir, "--resume", "--model", cfg.student[0], *cfg.student[1:], "--distillation",
             distillation, *teacher_args, "--epochs", str(cfg.student_epochs), "--repeats", str(cfg.repeats),
-            "--warmup-epochs", "1", "--lr-per-step", "--precision", "bf16", "--lr", str(cfg.lr), *common, ranks=cfg.ranks))
+            "--warmup-epochs", "1", "--lr-per-step", "--precision", "bf16", "--lr", str(cfg.lr), *common],
+            ranks=cfg.ranks)
 
     return write_results(out, cfg, {"store": store, "store_k2": poor_store})
 
@@ -170,7 +175,8 @@ def write_results(out: str, cfg: DemoConfig, stores: dict[str, str]) -> dict:
     with open(join(out, "results.md"), "w") as f:
         f.write(table)
     plot_curves(
-        {name: [(r["epoch"], r["avg_top1"]) for r in read_jsonl(join(runs, name, "metrics.jsonl"))] for name in STUDENT_RUNS},
+        {name: [(r["epoch"], r["avg_top1"]) for r in read_jsonl(join(runs, name, "metrics.jsonl"))]
+         for name in STUDENT_RUNS},
         join(out, "students_top1.png"), "val top-1 (%), averaged heads", "DeiT student on Fashion-MNIST",
     )
     return results
@@ -189,7 +195,8 @@ def results_table(results: dict) -> str:
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
         lines.append(f"| {name} | {pct(r, 'avg_top1')} | {pct(r, 'cls_top1')} | {pct(r, 'dist_top1')} | "
                      f"{pct(r, 'avg_top5')} | {wall} | {r['images_per_s']:.0f} |")
-    lines += ["", "| teacher store | top-k | code rank | bytes/view | KL tau=1 | KL tau=3 |", "|---|---|---|---|---|---|"]
+    lines += ["", "| teacher store | top-k | code rank | bytes/view | KL tau=1 | KL tau=3 |",
+              "|---|---|---|---|---|---|"]
     for name, s in results["stores"].items():
         lines.append(f"| {name} | {s['k']} | {s['code_rank']} | {s['bytes_per_view']:.1f} | {s['kl_tau1']:.4f} | "
                      f"{s['kl_tau3']:.4f} |")

@@ -42,7 +42,7 @@ def accuracy(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
             counts[row, 2] += len(labels)
     dist.all_reduce(counts)
     result = {}
-    for head, (top1, top5, images) in zip(heads, counts.tolist()):
+    for head, (top1, top5, images) in zip(heads, counts.tolist(), strict=True):
         result[f"{head}_top1"] = 100.0 * top1 / max(images, 1.0)
         result[f"{head}_top5"] = 100.0 * top5 / max(images, 1.0)
     return result

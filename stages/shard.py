@@ -232,7 +232,7 @@ def scan_unit(unit: ScanUnit) -> int:
     """Inspect each file of the unit and commit the verdicts as one JSON list, in file order."""
     verdicts = [
         {"path": rel, **asdict(inspect_image(data, rel, unit.max_pixels))}
-        for rel, data in zip(unit.relpaths, _read_files(unit.split_url, unit.relpaths))
+        for rel, data in zip(unit.relpaths, _read_files(unit.split_url, unit.relpaths), strict=True)
     ]
     discard_partial(unit.url)
     put_atomic(unit.url, _to_json(verdicts))
@@ -262,11 +262,12 @@ def write_shard_unit(unit: ShardUnit) -> int:
     """Write one shard, then its commit marker (its ShardInfo): no marker, not done."""
     contents = _read_files(unit.split_url, [e.relpath for e in unit.entries])
     samples = []
-    for e, data in zip(unit.entries, contents):
+    for e, data in zip(unit.entries, contents, strict=True):
         try:
             image, ext = prepare_image(data, e.inspection, unit.max_side, unit.jpeg_quality)
         except Exception as exc:  # the scan passed this file, so its bytes changed since
-            raise InputError(f"{e.relpath} changed after it was scanned ({type(exc).__name__}); rerun in a new DEST")
+            raise InputError(
+                f"{e.relpath} changed after it was scanned ({type(exc).__name__}); rerun in a new DEST") from exc
         samples.append(ShardSample(key=safe_key(e.relpath), idx=e.idx, label=e.label, image=image, ext=ext))
     discard_partial(unit.url)
     info = write_shard(unit.url, unit.name, samples)
@@ -382,7 +383,8 @@ def _manifest(dest: str, planned: _Planned, options: ShardOptions) -> ShardManif
         shards=[ShardInfo(**info) for info in _read_json(markers)],
         rejected=[{"path": v["path"], "reason": v["reason"]} for v in verdicts if v["action"] == REJECT],
         # Kept files with a reason (a PNG named .JPEG stored as .png) are listed with the conversions.
-        converted=[{"path": v["path"], "reason": v["reason"]} for v in verdicts if v["action"] != REJECT and v["reason"]],
+        converted=[{"path": v["path"], "reason": v["reason"]}
+                   for v in verdicts if v["action"] != REJECT and v["reason"]],
         ignored=source.ignored,
         options={k: v for k, v in asdict(options).items() if k not in ("samples_per_shard", "seed")},
     )

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deit_pipe.choices import Precision, check
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_needed
 from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
@@ -104,8 +105,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     plan = min((epoch_plan(cfg, manifest, world_size, e) for e in range(cfg.repeats)), key=lambda p: p.steps)
     if plan.steps == 0:
         raise InputError(
-            f"epoch {plan.epoch} holds {plan.num_elements} views, fewer than one optimizer step of {world_size} ranks x "
-            f"--batch-size {cfg.engine.micro_batch} x --grad-accum {cfg.engine.grad_accum}: use a smaller batch"
+            f"epoch {plan.epoch} holds {plan.num_elements} views, fewer than one optimizer step of "
+            f"{world_size} ranks x --batch-size {cfg.engine.micro_batch} x --grad-accum {cfg.engine.grad_accum}: "
+            f"use a smaller batch"
         )
     if not is_local(cfg.output):
         raise InputError(f"--output {cfg.output} must be a local or shared-filesystem path (DeepSpeed checkpoints)")
@@ -113,15 +115,16 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     for flag, steps in (("--checkpoint-every", cfg.checkpoint_every), ("--max-steps", cfg.max_steps)):
         if steps % accum:
             raise InputError(f"{flag} {steps} must be a multiple of --grad-accum {accum} (whole optimizer steps)")
-    if cfg.teacher_precision not in (None, "bf16", "fp32"):
-        raise InputError(f"--teacher-precision must be bf16 or fp32, not {cfg.teacher_precision!r}")
+    if cfg.teacher_precision is not None:
+        check(Precision, cfg.teacher_precision, "--teacher-precision")
     if cfg.teacher_online and cfg.distillation == "none":
         raise InputError("--teacher-online needs --distillation soft or hard")
     if cfg.tau != 1.0 and cfg.distillation == "hard":
         raise InputError("--tau only applies to soft distillation")
     if cfg.distillation == "none" or cfg.teacher_online:
         if cfg.store:
-            raise InputError("--logits is for cached distillation; drop it with --distillation none or --teacher-online")
+            raise InputError("--logits is for cached distillation; "
+                             "drop it with --distillation none or --teacher-online")
         recipe = ViewRecipe(img_size=cfg.img_size or 224, seed=cfg.seed).with_overrides(cfg.recipe_overrides)
         check_pairing(cfg.repeats, recipe.pairing_views)
         return recipe, None
@@ -135,14 +138,16 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     needed = views_needed(cfg.epochs, cfg.repeats)
     if needed > store.num_views and not cfg.allow_view_reuse:
         raise InputError(f"{cfg.epochs} epochs with --repeats {cfg.repeats} need {needed} views; the store has "
-                         f"{store.num_views} (run `deit-pipe teacher-logits --views {needed}` or pass --allow-view-reuse)")
+                         f"{store.num_views} (run `deit-pipe teacher-logits --views {needed}` "
+                         f"or pass --allow-view-reuse)")
     if cfg.distillation == "soft":
         served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
     return recipe, store
 
 
 def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch: int) -> EpochPlan:
-    return EpochPlan(manifest.num_samples, epoch, cfg.repeats, world_size, cfg.engine.micro_batch, cfg.engine.grad_accum)
+    return EpochPlan(manifest.num_samples, epoch, cfg.repeats, world_size, cfg.engine.micro_batch,
+                     cfg.engine.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,8 @@ class StudentRun:
         cfg = self.cfg
         if not cfg.teacher_online:
             return None
-        model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights, img_size=self.recipe.img_size)
+        model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights,
+                                  img_size=self.recipe.img_size)
         return model.to(self.device).eval()
 
     # -- data ---------------------------------------------------------------------------------------
@@ -374,7 +380,8 @@ def run(cfg: TrainConfig) -> dict:
     wall, images_seen, stopped = time.time(), 0, False
     while epoch < cfg.epochs and not stopped:
         steps = r.steps_in(epoch)
-        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="step", disable=not r.ctx.is_main or None)
+        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="step",
+                   disable=not r.ctx.is_main or None)
         t0, losses = time.time(), []
         for step, (_, batch, stored) in enumerate(r.train_loader(epoch, start_step), start=start_step):
             losses.append(r.train_step(batch, stored, epoch, step))
@@ -384,7 +391,8 @@ def run(cfg: TrainConfig) -> dict:
                                            "loss": losses[-1], "lr": r.engine.optimizer.param_groups[0]["lr"]}) + "\n")
             images_seen += len(batch.idx)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", img_s=f"{len(losses) * r.samples_per_step / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}",
+                            img_s=f"{len(losses) * r.samples_per_step / (time.time() - t0):.0f}")
             if cfg.max_steps and total_steps >= cfg.max_steps:
                 stopped = True
                 break

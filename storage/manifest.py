@@ -74,7 +74,7 @@ class ShardManifest:
         return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "ShardManifest":
+    def from_json(cls, data: bytes) -> ShardManifest:
         d = json.loads(data)
         d.pop("format_version", None)
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
@@ -85,7 +85,7 @@ class ShardManifest:
         put_atomic(manifest_url(root, self.split), self.to_json())
 
     @classmethod
-    def load(cls, root: str, split: str) -> "ShardManifest":
+    def load(cls, root: str, split: str) -> ShardManifest:
         url = manifest_url(root, split)
         if not exists(url):
             raise InputError(f"no manifest for split '{split}' at {url} (run `deit-pipe shard` first)")

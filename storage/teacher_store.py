@@ -100,7 +100,7 @@ class TeacherStore:
         return join(url, split)
 
     @classmethod
-    def open(cls, url: str, split: str) -> "TeacherStore":
+    def open(cls, url: str, split: str) -> TeacherStore:
         group_url = cls._group_url(url, split)
         if not cls.exists(url, split):
             raise InputError(f"no teacher store for split '{split}' at {url} (run `deit-pipe teacher-logits`)")
@@ -113,7 +113,7 @@ class TeacherStore:
 
     @classmethod
     def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict,
-               code: tuple[np.ndarray, np.ndarray, np.ndarray], code_error: dict) -> "TeacherStore":
+               code: tuple[np.ndarray, np.ndarray, np.ndarray], code_error: dict) -> TeacherStore:
         """Lay out an empty store with its logit code, wiping any half-made layout (one process does this;
         the others wait in `wait_layout`)."""
         n, spc = binding["num_samples"], binding["samples_per_shard"]
@@ -125,7 +125,7 @@ class TeacherStore:
                 name, shape=(n, num_views, *tail), chunks=(spc, 1, *tail), dtype=dtype,
                 fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)],
             )
-        for name, values in zip(CODE_ARRAYS, code):
+        for name, values in zip(CODE_ARRAYS, code, strict=True):
             if values.size:  # zarr wants no empty axis: a code of rank 0 has only its mean
                 group.create_array(name, data=values.astype(np.float32))
         group.attrs.update({**binding, "num_views": num_views, "provenance": provenance, "code_error": code_error})
@@ -195,7 +195,7 @@ class TeacherStore:
         put_atomic(self._marker(f"layout-{self.num_views}"), b"")
 
     @classmethod
-    def wait_layout(cls, url: str, split: str, num_views: int) -> "TeacherStore":
+    def wait_layout(cls, url: str, split: str, num_views: int) -> TeacherStore:
         """The barrier for ranks other than the one that lays out or grows the store."""
         store_marker = join(cls._group_url(url, split), "_commits", f"layout-{num_views}")
         wait_for([store_marker], what=f"the teacher store layout ({num_views} views) at {url}")

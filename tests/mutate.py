@@ -20,9 +20,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from collections import Counter
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGING = ROOT / "work-data" / "mutation"  # --staging changes it (one tree per concurrent run)
@@ -80,7 +81,8 @@ def assemble(modules: list[str]) -> None:
         "timeout_constant": 10.0,
     }
     lines = ["[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-    lines += ["", "[tool.pytest.ini_options]"] + [f"{key} = {json.dumps(value)}" for key, value in pytest_section.items()]
+    lines += ["", "[tool.pytest.ini_options]"] + [f"{key} = {json.dumps(value)}"
+                                                  for key, value in pytest_section.items()]
     (STAGING / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 

@@ -35,7 +35,8 @@ def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bu
     assert stores["store"]["views"] == stores["store_k2"]["views"] == 120
     assert (stores["store"]["k"], stores["store"]["code_rank"]) == (10, 10)
     assert (stores["store_k2"]["k"], stores["store_k2"]["code_rank"]) == (2, 0)
-    assert TeacherStore.open(f"{store}-k2", "train").attrs["code_error"]["kl_mean"][1] == [1.0, stores["store_k2"]["kl_tau1"]]
+    assert (TeacherStore.open(f"{store}-k2", "train").attrs["code_error"]["kl_mean"][1]
+            == [1.0, stores["store_k2"]["kl_tau1"]])
     assert set(results["students"]) == set(demo.STUDENT_RUNS)
     # Each student's reported top-1 (both heads averaged, and each head) is what its exported weights score
     # on the 40 val images, counted here with timm's model in eval and in distilled training mode.

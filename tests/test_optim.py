@@ -10,6 +10,7 @@ min_lr + (peak - min_lr) (1 + cos(pi t / epochs)) / 2, t not shifted by the warm
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_lr_scales_with_the_global_batch_and_follows_deits_epoch_steps():
     assert lr_at(schedule, 1024, 0) == lr_at(schedule, 1024, 1) == pytest.approx(1e-6)
     # The cosine runs down: after the warmup every epoch trains at a lower rate than the one before.
     rates = [lr_at(schedule, 1024, e) for e in range(6, 300)]
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in pairwise(rates))
     assert rates[0] == pytest.approx(1e-3, rel=1e-3)
 
 

@@ -64,7 +64,8 @@ def check_split(dest: str, spec: ImageFolderSpec, split: str, options=OPTIONS) -
     for s, info in enumerate(m.shards):
         url = shard_url(dest, split, s)
         data = read_bytes(url)
-        assert (info.bytes, info.sha256, info.num_samples) == (len(data), hashlib.sha256(data).hexdigest(), len(m.shard_range(s)))
+        assert (info.bytes, info.sha256, info.num_samples) == (len(data), hashlib.sha256(data).hexdigest(),
+                                                               len(m.shard_range(s)))
         samples = list(read_shard(url))
         assert [x.idx for x in samples] == list(m.shard_range(s))
         for x in samples:

@@ -361,13 +361,15 @@ def test_refusals_name_the_field_that_differs(fmnist_folder, shards, weights, re
 
     assert "recipe.img_size is 32 in the store but 64 here" in refused(
         capsys, *[a if a != str(IMG) else "64" for a in cli_args(shards, reference, weights)])
-    assert "recipe.seed is 0 in the store but 3 here" in refused(capsys, *cli_args(shards, reference, weights, VIEWS, "--seed", "3"))
+    assert "recipe.seed is 0 in the store but 3 here" in refused(
+        capsys, *cli_args(shards, reference, weights, VIEWS, "--seed", "3"))
 
     assert "teacher.name is 'regnetx_002' in the store but 'regnetx_004' here" in refused(
         capsys, *[a if a != TEACHER else "regnetx_004" for a in cli_args(shards, reference, None)])
     other_weights = make_teacher_weights(tmp_path / "other.safetensors", shards, seed=1)
     assert "teacher.weights_sha256" in refused(capsys, *cli_args(shards, reference, other_weights))
-    assert "teacher.weights_sha256" in refused(capsys, "verify-store", shards, reference, "--teacher-weights", other_weights)
+    assert "teacher.weights_sha256" in refused(
+        capsys, "verify-store", shards, reference, "--teacher-weights", other_weights)
     assert "teacher.weights_sha256 is" in refused(capsys, "verify-store", shards, reference)  # weights forgotten
 
     five_classes = make_teacher_weights(tmp_path / "five.safetensors", shards, num_classes=5)

@@ -108,7 +108,8 @@ def test_refusals_name_the_field_that_differs(tmp_path):
 
     assert "manifest_digest is 'dddddddddddd...' in the store but 'eeeeeeeeeeee...' here" in refusal(
         binding(m, manifest_digest="e" * 64))
-    assert "recipe.seed is 0 in the store but 7 here" in refusal(binding(m, recipe_hash="x" * 64), {**RECIPE, "seed": 7})
+    assert "recipe.seed is 0 in the store but 7 here" in refusal(
+        binding(m, recipe_hash="x" * 64), {**RECIPE, "seed": 7})
     assert "recipe_hash is" in refusal(binding(m, recipe_hash="x" * 64))  # no recipe given: the hash is named
     assert "teacher.precision is 'fp32' in the store but 'bf16' here" in refusal(
         binding(m, teacher={**TEACHER, "precision": "bf16"}))

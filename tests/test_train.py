@@ -62,7 +62,8 @@ def data(fmnist_folder, tmp_path_factory) -> dict[str, str]:
 
 
 def deit_pipe(*args: str, nproc: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args] + (["--nproc-per-node", str(nproc)] if nproc > 1 else [])
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args] + (["--nproc-per-node", str(nproc)]
+                                                                     if nproc > 1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **popen)
     if check and proc.returncode:

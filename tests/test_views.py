@@ -11,7 +11,6 @@ import subprocess
 import sys
 import weakref
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +95,7 @@ def _global_rng_state():
 
 def _assert_rng_state_equal(before, after):
     assert before[0] == after[0]
-    assert all(np.array_equal(x, y) for x, y in zip(before[1], after[1]))
+    assert all(np.array_equal(x, y) for x, y in zip(before[1], after[1], strict=True))
     assert torch.equal(before[2], after[2])
 
 
@@ -313,8 +312,9 @@ def test_partners_are_a_cyclic_pairing_within_the_shard(shards):
         for v in range(4):
             partners = maker.partners(s, idxs, v)
             assert sorted(partners) == idxs  # a permutation of the shard's own ids
-            assert all(p != i for p, i in zip(partners, idxs))  # one cycle through all: nobody pairs with self
-            nxt = dict(zip(idxs, partners))
+            # one cycle through all: nobody pairs with self
+            assert all(p != i for p, i in zip(partners, idxs, strict=True))
+            nxt = dict(zip(idxs, partners, strict=True))
             walk, i = [], idxs[0]
             for _ in idxs:
                 walk.append(i)
