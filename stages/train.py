@@ -6,16 +6,12 @@ targets come from the replay record (labels, partner, lambda) and the stored top
 model, except in the explicit online-teacher mode kept for comparison. Every rank runs the same
 number of steps.
 
-Checkpoints: `<output>/checkpoints/global_step<T>/` (DeepSpeed's files) with `position.json` beside them
-(epoch, steps done in it, total steps, world size, samples per step), written before DeepSpeed moves
-`latest`, so `latest` always names a checkpoint whose position is known. `--resume` continues:
+Checkpoints (distributed.checkpoint) go to `<output>/checkpoints/`. `--resume` continues:
 - on the same world size at exactly (epoch, step): the same batches, the same drop-path draws (seeded
   per step) and the same lr, so a killed fp32 run ends with the parameters of an unbroken one;
-- on another world size through DeepSpeed's universal checkpoint (the latest checkpoint is converted
-  once, on rank 0). The epoch's samples consumed so far, step x old samples per step, become step
-  floor(consumed / new samples per step) of the new world's plan for that epoch (rounded down to a
-  whole gradient accumulation); the lr follows the epoch progress. The new plan deals the epoch's shards
-  to ranks differently, so the rest of that epoch is an equivalent position, not the same batches.
+- on another world size at the step of the new world's plan that consumed as many of the epoch's samples;
+  the lr follows the epoch progress. The new plan deals the epoch's shards to ranks differently, so the
+  rest of that epoch is an equivalent position, not the same batches.
 """
 
 from __future__ import annotations
@@ -23,13 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-from argparse import Namespace
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -39,6 +32,7 @@ from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_
 from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
 from deit_pipe.data.views import ViewBatch, ViewMaker, mixed_targets
 from deit_pipe.distributed import deepspeed_engine
+from deit_pipe.distributed.checkpoint import Checkpoints, full_parameters, param_digest
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.distributed.deepspeed_engine import EngineSpec
 from deit_pipe.errors import InputError
@@ -48,9 +42,9 @@ from deit_pipe.models.export import export_safetensors
 from deit_pipe.models.registry import create_student, create_teacher, is_distilled, is_vit, set_distilled_training
 from deit_pipe.optim.schedule import LRSchedule, adamw
 from deit_pipe.reporting import metrics
-from deit_pipe.reporting.plots import plot_training, read_jsonl
+from deit_pipe.reporting.run_records import RunRecords
 from deit_pipe.stages.verify_store import open_bound_store
-from deit_pipe.storage.location import exists, is_local, put_atomic
+from deit_pipe.storage.location import exists, is_local
 from deit_pipe.storage.manifest import ShardManifest, manifest_url
 from deit_pipe.storage.teacher_store import TeacherStore
 
@@ -150,28 +144,6 @@ def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch
                      cfg.engine.grad_accum)
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where a checkpoint stands in the schedule; `step` counts the steps done in `epoch`."""
-
-    epoch: int
-    step: int
-    total_steps: int
-    world_size: int
-    samples_per_step: int  # micro batch x ranks when it was written
-
-    @staticmethod
-    def latest(ckpt_dir: str) -> tuple[str, Position] | None:
-        """(tag, position) of the checkpoint DeepSpeed's `latest` names, or None without one."""
-        latest = os.path.join(ckpt_dir, "latest")
-        if not os.path.exists(latest):
-            return None
-        with open(latest) as f:
-            tag = f.read().strip()
-        with open(os.path.join(ckpt_dir, tag, "position.json")) as f:
-            return tag, Position(**json.load(f))
-
-
 class StudentRun:
     """One training run: the pieces the loop needs, built once from the config."""
 
@@ -202,15 +174,11 @@ class StudentRun:
             set_distilled_training(model, True)
         self.samples_per_step = cfg.engine.micro_batch * self.ctx.world_size
         self.global_batch = self.samples_per_step * cfg.engine.grad_accum
-        self.ckpt_dir = os.path.join(cfg.output, "checkpoints")
-        self.resume_from = Position.latest(self.ckpt_dir) if cfg.resume else None
-        # A different world size reads the optimizer state through DeepSpeed's universal checkpoint, which
-        # must be chosen when the engine is built. ZeRO-0 in fp32 keeps the whole state in one file.
-        self.universal = (self.resume_from is not None and self.resume_from[1].world_size != self.ctx.world_size
-                          and (cfg.engine.zero > 0 or cfg.engine.precision != "fp32"))
+        self.checkpoints = Checkpoints(cfg.output, self.ctx, self.samples_per_step)
+        self.resume = self.checkpoints.resume(cfg.engine.zero, cfg.engine.precision) if cfg.resume else None
         self.engine = deepspeed_engine.initialize(
             model, adamw(model, cfg.schedule.peak(self.global_batch), cfg.weight_decay),
-            cfg.engine.config(load_universal=self.universal),
+            cfg.engine.config(load_universal=self.resume is not None and self.resume.universal),
         )
         self.dtype = deepspeed_engine.input_dtype(self.engine)
         self.lr_scheduler = cfg.schedule.scheduler(self.engine.optimizer)
@@ -256,12 +224,12 @@ class StudentRun:
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int) -> float:
+    def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int, steps: int) -> float:
         cfg = self.cfg
         # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
         # resumed run draws what the unbroken run drew.
         torch.manual_seed(hash_seed(cfg.seed, epoch, step, self.ctx.rank))
-        self.lr_scheduler.step(cfg.schedule.position(epoch, step, self.steps_in(epoch)))
+        self.lr_scheduler.step(cfg.schedule.position(epoch, step, steps))
         images = batch.images.to(self.device, non_blocking=True)
         targets = mixed_targets(batch.label, batch.partner_label, batch.lam, self.num_classes, self.recipe.smoothing)
         teacher = self.teacher_targets(images, stored)
@@ -272,13 +240,6 @@ class StudentRun:
         self.engine.step()
         return loss.item()
 
-    def full_parameters(self):
-        """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards,
-        and the eval heads and the digest touch the module outside the engine's forward."""
-        from deepspeed.runtime.zero import GatheredParameters
-
-        return GatheredParameters(list(self.engine.module.parameters()), enabled=self.cfg.engine.zero == 3)
-
     def evaluate(self) -> dict:
         """top-1/top-5 of the averaged heads and of each head, over the whole val split (all ranks)."""
         if self.val is None:
@@ -288,7 +249,7 @@ class StudentRun:
         data = EvalDataset(self.cfg.shards, self.val, shards, self.recipe.eval_transform(), self.cfg.engine.micro_batch)
         heads = ("avg", "cls", "dist") if self.distilled else ("avg",)
         module.eval()
-        with self.full_parameters():
+        with full_parameters(self.engine, self.cfg.engine.zero):
             result = metrics.accuracy(module, DataLoader(data, batch_size=None, num_workers=self.cfg.workers), heads,
                                       self.device, self.dtype)
         module.train()
@@ -297,67 +258,16 @@ class StudentRun:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def save(self, epoch: int, step: int, total_steps: int) -> None:
-        tag = f"global_step{total_steps}"
-        if self.ctx.is_main:
-            # Before DeepSpeed's files: `latest` moves last, so it never names a checkpoint without a position.
-            os.makedirs(os.path.join(self.ckpt_dir, tag), exist_ok=True)
-            position = Position(epoch, step, total_steps, self.ctx.world_size, self.samples_per_step)
-            with open(os.path.join(self.ckpt_dir, tag, "position.json"), "w") as f:
-                json.dump(asdict(position), f)
-        self.engine.save_checkpoint(self.ckpt_dir, tag=tag)
+        self.checkpoints.save(self.engine, epoch, step, total_steps)
 
     def load(self) -> tuple[int, int, int]:
         """(epoch, step within it, total steps) to continue from; (0, 0, 0) when not resuming."""
-        if self.resume_from is None:
-            return 0, 0, 0
-        tag, pos = self.resume_from
-        if self.universal:
-            tag = self._universal_copy(tag)
-        path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
-        if path is None:
-            raise InputError(f"cannot load checkpoint {tag} in {self.ckpt_dir}")
-        epoch, step = pos.epoch, pos.step
-        if pos.samples_per_step != self.samples_per_step:
-            accum = self.cfg.engine.grad_accum
-            step = pos.step * pos.samples_per_step // self.samples_per_step // accum * accum
-        if step >= self.steps_in(epoch):
-            epoch, step = epoch + 1, 0
-        return epoch, step, pos.total_steps
-
-    def _universal_copy(self, tag: str) -> str:
-        """Convert checkpoint `tag` to DeepSpeed's universal form (rank 0, once); returns the new tag."""
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        universal_tag = f"{tag}_universal"
-        if self.ctx.is_main:
-            out = os.path.join(self.ckpt_dir, universal_tag)
-            shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
-            ds_to_universal(Namespace(input_folder=os.path.join(self.ckpt_dir, tag), output_folder=out,
-                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                      strict=True, inject_missing_state=True))
-        dist.barrier()
-        return universal_tag
-
-    def param_digest(self) -> str:
-        """sha256 of the full fp32 parameters, the same on every rank when the ranks agree."""
-        h = hashlib.sha256()
-        with self.full_parameters():
-            for p in self.engine.module.parameters():
-                h.update(p.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
+        return self.checkpoints.load(self.engine, self.resume, self.cfg.engine.grad_accum, self.steps_in)
 
     def export(self, path: str) -> None:
-        """The final student as safetensors (fp32), gathered from the ZeRO partitions of the last checkpoint."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        if self.cfg.engine.zero == 0:
-            state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
-        else:
-            dist.barrier()
-            if not self.ctx.is_main:
-                return
-            state = get_fp32_state_dict_from_zero_checkpoint(self.ckpt_dir)
-        if self.ctx.is_main:
+        """The final student as safetensors (fp32)."""
+        state = self.checkpoints.fp32_state(self.engine, self.cfg.engine.zero)
+        if state is not None:
             model = self.build_student()
             model.load_state_dict(state)
             export_safetensors(model, path)
@@ -369,13 +279,10 @@ def hash_seed(*parts: int) -> int:
 
 def run(cfg: TrainConfig) -> dict:
     r = StudentRun(cfg)
-    os.makedirs(cfg.output, exist_ok=True)
+    records = RunRecords(cfg.output, r.ctx)
     if r.target_kl is not None and r.ctx.is_main:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
-    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
-    # Rank 0's loss at every step (its own micro batch), line-buffered so a killed run keeps it.
-    step_log = open(os.path.join(cfg.output, "steps.jsonl"), "a", buffering=1) if r.ctx.is_main else None
     epoch, start_step, total_steps = r.load()
     wall, images_seen, stopped = time.time(), 0, False
     while epoch < cfg.epochs and not stopped:
@@ -384,56 +291,35 @@ def run(cfg: TrainConfig) -> dict:
                    disable=not r.ctx.is_main or None)
         t0, losses = time.time(), []
         for step, (_, batch, stored) in enumerate(r.train_loader(epoch, start_step), start=start_step):
-            losses.append(r.train_step(batch, stored, epoch, step))
+            losses.append(r.train_step(batch, stored, epoch, step, steps))
             total_steps += 1
-            if r.ctx.is_main:
-                step_log.write(json.dumps({"epoch": epoch, "step": step, "total_steps": total_steps,
-                                           "loss": losses[-1], "lr": r.engine.optimizer.param_groups[0]["lr"]}) + "\n")
             images_seen += len(batch.idx)
+            records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}",
                             img_s=f"{len(losses) * r.samples_per_step / (time.time() - t0):.0f}")
-            if cfg.max_steps and total_steps >= cfg.max_steps:
-                stopped = True
-                break
-            if cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0 and step + 1 < steps:
+            stopped = bool(cfg.max_steps) and total_steps >= cfg.max_steps
+            if stopped or (cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0 and step + 1 < steps):
                 r.save(epoch, step + 1, total_steps)
+            if stopped:
+                break
         bar.close()
         if stopped:
-            r.save(epoch, step + 1, total_steps)
             break
         r.save(epoch, steps, total_steps)
         # The epoch's mean over every rank's steps (a resumed epoch: over the steps after the resume).
-        row = {"epoch": epoch, "steps": total_steps, "train_loss": metrics.mean_over_ranks(losses, r.device),
-               "images_per_s": len(losses) * r.samples_per_step / max(time.time() - t0, 1e-9), **r.evaluate()}
-        if r.ctx.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        records.epoch({"epoch": epoch, "steps": total_steps, "train_loss": metrics.mean_over_ranks(losses, r.device),
+                       "images_per_s": len(losses) * r.samples_per_step / max(time.time() - t0, 1e-9),
+                       **r.evaluate()})
         epoch, start_step = epoch + 1, 0
-    if step_log is not None:
-        step_log.close()
 
-    rank_state = {"rank": r.ctx.rank, "world_size": r.ctx.world_size, "total_steps": total_steps,
-                  "param_sha256": r.param_digest()}
-    ranks_dir = os.path.join(cfg.output, "ranks")
-    os.makedirs(ranks_dir, exist_ok=True)
-    with open(os.path.join(ranks_dir, f"rank{r.ctx.rank}.json"), "w") as f:
-        json.dump(rank_state, f)
-    if r.ctx.is_main:  # a run resumed on fewer ranks: the extra ranks' files are stale
-        for name in os.listdir(ranks_dir):
-            if int(name[len("rank"):-len(".json")]) >= r.ctx.world_size:
-                os.remove(os.path.join(ranks_dir, name))
+    records.rank_state({"rank": r.ctx.rank, "world_size": r.ctx.world_size, "total_steps": total_steps,
+                        "param_sha256": param_digest(r.engine, cfg.engine.zero)})
     result = {"completed": not stopped, "total_steps": total_steps, "wall_s": time.time() - wall,
-              "teacher_target_kl": r.target_kl,
-              "images_per_s": images_seen / max(time.time() - wall, 1e-9)}
+              "teacher_target_kl": r.target_kl, "images_per_s": images_seen / max(time.time() - wall, 1e-9)}
     if not stopped:
         r.export(os.path.join(cfg.output, "student.safetensors"))
-        if r.ctx.is_main:
-            rows = read_jsonl(metrics_path)
-            result.update(final=rows[-1] if rows else {}, config=_jsonable(asdict(cfg)))
-            # Atomic: results.json is what tells a caller (the demo) that this run finished.
-            put_atomic(os.path.join(cfg.output, "results.json"), json.dumps(result, indent=1).encode())
-            plot_training(metrics_path, os.path.join(cfg.output, "training.png"), title=cfg.student.name)
+        result = records.finish(result, _jsonable(asdict(cfg)), title=cfg.student.name)
     return result
 
 

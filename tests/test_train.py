@@ -365,12 +365,12 @@ def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
     positions = []
     run = SimpleNamespace(
         cfg=cfg, ctx=SimpleNamespace(rank=0), device=torch.device("cpu"), dtype=torch.float32, num_classes=10,
-        recipe=ViewRecipe(img_size=32), engine=_RecordingEngine(student), steps_in=lambda epoch: 4,
+        recipe=ViewRecipe(img_size=32), engine=_RecordingEngine(student),
         lr_scheduler=SimpleNamespace(step=positions.append),
         criterion=DistillationLoss(distillation, 0.5, tau, "sum_numel"),
         teacher_targets=lambda images, stored: TeacherTargets.from_logits(teacher_logits, tau),
     )
-    loss = StudentRun.train_step(run, batch, None, epoch=2, step=1)
+    loss = StudentRun.train_step(run, batch, None, epoch=2, step=1, steps=4)
 
     with torch.no_grad():
         cls_logits, dist_logits = student(batch.images)

@@ -1,0 +1,145 @@
+"""A training run's DeepSpeed checkpoints: where each stands in the schedule, resuming, the final export.
+
+Layout: `<dir>/global_step<T>/` (DeepSpeed's files) with `position.json` beside them (epoch, steps done in it,
+total steps, world size, samples per step), written before DeepSpeed moves `latest`, so `latest` always names
+a checkpoint whose position is known. A resume on the same world size continues at exactly (epoch, step); on
+another world size the optimizer state comes through DeepSpeed's universal checkpoint (converted once, on rank
+0), and the epoch's samples consumed so far become the step of the new world's plan that consumed as many
+(rounded down to a whole gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.errors import InputError
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a checkpoint stands in the schedule; `step` counts the steps done in `epoch`."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    world_size: int
+    samples_per_step: int  # micro batch x ranks when it was written
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from: its tag and position, and whether it goes through DeepSpeed's
+    universal form (which must be chosen before the engine is built)."""
+
+    tag: str
+    position: Position
+    universal: bool
+
+
+def full_parameters(engine, zero: int):
+    """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards, and
+    evaluation, the digest and the export touch the module outside the engine's forward."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    return GatheredParameters(list(engine.module.parameters()), enabled=zero == 3)
+
+
+class Checkpoints:
+    """The checkpoints of one run folder, as one rank sees them."""
+
+    def __init__(self, output: str, ctx: RankContext, samples_per_step: int):
+        self.dir = os.path.join(output, "checkpoints")
+        self.ctx = ctx
+        self.samples_per_step = samples_per_step
+
+    def latest(self) -> tuple[str, Position] | None:
+        """(tag, position) of the checkpoint DeepSpeed's `latest` names, or None without one."""
+        latest = os.path.join(self.dir, "latest")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+        with open(os.path.join(self.dir, tag, "position.json")) as f:
+            return tag, Position(**json.load(f))
+
+    def resume(self, zero: int, precision: str) -> Resume | None:
+        """What a `--resume` continues from, or None when there is no checkpoint yet. ZeRO-0 in fp32 keeps the
+        whole optimizer state in one file and needs no universal form on another world size."""
+        found = self.latest()
+        if found is None:
+            return None
+        tag, position = found
+        universal = position.world_size != self.ctx.world_size and (zero > 0 or precision != "fp32")
+        return Resume(tag, position, universal)
+
+    def save(self, engine, epoch: int, step: int, total_steps: int) -> None:
+        tag = f"global_step{total_steps}"
+        if self.ctx.is_main:
+            # Before DeepSpeed's files: `latest` moves last, so it never names a checkpoint without a position.
+            os.makedirs(os.path.join(self.dir, tag), exist_ok=True)
+            position = Position(epoch, step, total_steps, self.ctx.world_size, self.samples_per_step)
+            with open(os.path.join(self.dir, tag, "position.json"), "w") as f:
+                json.dump(asdict(position), f)
+        engine.save_checkpoint(self.dir, tag=tag)
+
+    def load(self, engine, resume: Resume | None, grad_accum: int,
+             steps_in: Callable[[int], int]) -> tuple[int, int, int]:
+        """(epoch, step within it, total steps) to continue from; (0, 0, 0) without a checkpoint."""
+        if resume is None:
+            return 0, 0, 0
+        tag = self._universal_copy(resume.tag) if resume.universal else resume.tag
+        path, _ = engine.load_checkpoint(self.dir, tag=tag)
+        if path is None:
+            raise InputError(f"cannot load checkpoint {tag} in {self.dir}")
+        pos = resume.position
+        epoch, step = pos.epoch, pos.step
+        if pos.samples_per_step != self.samples_per_step:
+            step = pos.step * pos.samples_per_step // self.samples_per_step // grad_accum * grad_accum
+        if step >= steps_in(epoch):
+            epoch, step = epoch + 1, 0
+        return epoch, step, pos.total_steps
+
+    def _universal_copy(self, tag: str) -> str:
+        """Convert checkpoint `tag` to DeepSpeed's universal form (rank 0, once); returns the new tag."""
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        universal_tag = f"{tag}_universal"
+        if self.ctx.is_main:
+            out = os.path.join(self.dir, universal_tag)
+            shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
+            ds_to_universal(Namespace(input_folder=os.path.join(self.dir, tag), output_folder=out,
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True))
+        dist.barrier()
+        return universal_tag
+
+    def fp32_state(self, engine, zero: int) -> dict[str, torch.Tensor] | None:
+        """The whole fp32 state dict on rank 0 (None elsewhere): the module's own under ZeRO-0, else gathered
+        from the ZeRO partitions of the last checkpoint."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        if zero == 0:
+            state = {k: v.float() for k, v in engine.module.state_dict().items()}
+        else:
+            dist.barrier()
+            state = get_fp32_state_dict_from_zero_checkpoint(self.dir) if self.ctx.is_main else None
+        return state if self.ctx.is_main else None
+
+
+def param_digest(engine, zero: int) -> str:
+    """sha256 of the full fp32 parameters, the same on every rank when the ranks agree."""
+    h = hashlib.sha256()
+    with full_parameters(engine, zero):
+        for p in engine.module.parameters():
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,56 @@
+"""What a training run leaves in its folder besides checkpoints, each written so a killed run keeps what it had:
+
+- `steps.jsonl`: rank 0's loss and learning rate at every step (its own micro batch), line-buffered;
+- `metrics.jsonl`: one row per finished epoch (mean train loss over every rank, eval top-1/top-5);
+- `ranks/rank<r>.json`: each rank's final state (steps, parameter digest), to check that ranks agree;
+- `results.json` (atomic, last: it tells a caller that the run finished) and `training.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.reporting.plots import plot_training, read_jsonl
+from deit_pipe.storage.location import put_atomic
+
+
+class RunRecords:
+    def __init__(self, output: str, ctx: RankContext):
+        self.output, self.ctx = output, ctx
+        os.makedirs(output, exist_ok=True)
+        self.metrics_path = os.path.join(output, "metrics.jsonl")
+        self._steps = open(os.path.join(output, "steps.jsonl"), "a", buffering=1) if ctx.is_main else None
+
+    def step(self, epoch: int, step: int, total_steps: int, loss: float, lr: float) -> None:
+        if self._steps is not None:
+            self._steps.write(json.dumps({"epoch": epoch, "step": step, "total_steps": total_steps, "loss": loss,
+                                          "lr": lr}) + "\n")
+
+    def epoch(self, row: dict) -> None:
+        if self.ctx.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rank_state(self, state: dict) -> None:
+        """This rank's file; rank 0 removes the files of ranks a run resumed on fewer ranks no longer has."""
+        if self._steps is not None:
+            self._steps.close()
+        ranks_dir = os.path.join(self.output, "ranks")
+        os.makedirs(ranks_dir, exist_ok=True)
+        with open(os.path.join(ranks_dir, f"rank{self.ctx.rank}.json"), "w") as f:
+            json.dump(state, f)
+        if self.ctx.is_main:
+            for name in os.listdir(ranks_dir):
+                if int(name[len("rank"):-len(".json")]) >= self.ctx.world_size:
+                    os.remove(os.path.join(ranks_dir, name))
+
+    def finish(self, result: dict, config: dict, title: str) -> dict:
+        """results.json with the last epoch's row as `final` and the run's config, and the plot (rank 0)."""
+        if self.ctx.is_main:
+            rows = read_jsonl(self.metrics_path) if os.path.exists(self.metrics_path) else []
+            result = {**result, "final": rows[-1] if rows else {}, "config": config}
+            put_atomic(os.path.join(self.output, "results.json"), json.dumps(result, indent=1).encode())
+            plot_training(self.metrics_path, os.path.join(self.output, "training.png"), title=title)
+        return result
