@@ -48,7 +48,7 @@ class Resume:
 
 def full_parameters(engine, zero: int):
     """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards, and
-    evaluation, the digest and the export touch the module outside the engine's forward."""
+    evaluation and the digest touch the module outside the engine's forward."""
     from deepspeed.runtime.zero import GatheredParameters
 
     return GatheredParameters(list(engine.module.parameters()), enabled=zero == 3)
@@ -128,12 +128,13 @@ class Checkpoints:
         from the ZeRO partitions of the last checkpoint."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        if zero > 0:
+            dist.barrier()  # every rank's partition of the last checkpoint is on disk
+        if not self.ctx.is_main:
+            return None
         if zero == 0:
-            state = {k: v.float() for k, v in engine.module.state_dict().items()}
-        else:
-            dist.barrier()
-            state = get_fp32_state_dict_from_zero_checkpoint(self.dir) if self.ctx.is_main else None
-        return state if self.ctx.is_main else None
+            return {k: v.float() for k, v in engine.module.state_dict().items()}
+        return get_fp32_state_dict_from_zero_checkpoint(self.dir)
 
 
 def param_digest(engine, zero: int) -> str:

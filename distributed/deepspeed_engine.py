@@ -25,11 +25,14 @@ class EngineSpec:
     grad_clip: float = 0.0  # DeiT trains without clipping
     user_config: str | None = None  # a DeepSpeed JSON whose keys override ours
 
+    def __post_init__(self):
+        # Stored as the plain string: it reaches messages and JSON (an Enum member prints as Precision.bf16).
+        object.__setattr__(self, "precision", check(Precision, self.precision, "--precision"))
+
     def config(self, load_universal: bool = False) -> dict:
         """DeepSpeed's config; `load_universal` reads a universal checkpoint (a resume on another world size)."""
         if self.zero not in (0, 1, 2, 3):
             raise InputError(f"--zero must be 0, 1, 2 or 3, not {self.zero}")
-        check(Precision, self.precision, "--precision")
         config = {
             "train_micro_batch_size_per_gpu": self.micro_batch,
             "gradient_accumulation_steps": self.grad_accum,

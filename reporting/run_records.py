@@ -33,10 +33,12 @@ class RunRecords:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def rank_state(self, state: dict) -> None:
-        """This rank's file; rank 0 removes the files of ranks a run resumed on fewer ranks no longer has."""
+    def close(self) -> None:
         if self._steps is not None:
             self._steps.close()
+
+    def rank_state(self, state: dict) -> None:
+        """This rank's file; rank 0 removes the files of ranks a run resumed on fewer ranks no longer has."""
         ranks_dir = os.path.join(self.output, "ranks")
         os.makedirs(ranks_dir, exist_ok=True)
         with open(os.path.join(ranks_dir, f"rank{self.ctx.rank}.json"), "w") as f:
@@ -47,10 +49,10 @@ class RunRecords:
                     os.remove(os.path.join(ranks_dir, name))
 
     def finish(self, result: dict, config: dict, title: str) -> dict:
-        """results.json with the last epoch's row as `final` and the run's config, and the plot (rank 0)."""
+        """The plot, then results.json with the last epoch's row as `final` and the run's config (rank 0)."""
         if self.ctx.is_main:
-            rows = read_jsonl(self.metrics_path) if os.path.exists(self.metrics_path) else []
+            rows = read_jsonl(self.metrics_path)
             result = {**result, "final": rows[-1] if rows else {}, "config": config}
-            put_atomic(os.path.join(self.output, "results.json"), json.dumps(result, indent=1).encode())
             plot_training(self.metrics_path, os.path.join(self.output, "training.png"), title=title)
+            put_atomic(os.path.join(self.output, "results.json"), json.dumps(result, indent=1).encode())
         return result

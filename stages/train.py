@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deit_pipe.choices import Precision, check
+from deit_pipe.choices import Distillation, Precision, SoftReduction, check
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_needed
 from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
@@ -87,6 +87,14 @@ class TrainConfig:
     allow_view_reuse: bool = False
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0 = run all epochs
 
+    def __post_init__(self):
+        # The closed choices as plain strings (they reach messages, results.json and the loss registry).
+        object.__setattr__(self, "distillation", check(Distillation, self.distillation, "--distillation"))
+        object.__setattr__(self, "soft_reduction", check(SoftReduction, self.soft_reduction, "--soft-reduction"))
+        if self.teacher_precision is not None:
+            object.__setattr__(self, "teacher_precision",
+                               check(Precision, self.teacher_precision, "--teacher-precision"))
+
 
 def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, TeacherStore | None]:
     """(view recipe, the teacher store or None) after refusing bad input; cheap, so a launcher runs it before
@@ -109,8 +117,6 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     for flag, steps in (("--checkpoint-every", cfg.checkpoint_every), ("--max-steps", cfg.max_steps)):
         if steps % accum:
             raise InputError(f"{flag} {steps} must be a multiple of --grad-accum {accum} (whole optimizer steps)")
-    if cfg.teacher_precision is not None:
-        check(Precision, cfg.teacher_precision, "--teacher-precision")
     if cfg.teacher_online and cfg.distillation == "none":
         raise InputError("--teacher-online needs --distillation soft or hard")
     if cfg.tau != 1.0 and cfg.distillation == "hard":
@@ -313,6 +319,7 @@ def run(cfg: TrainConfig) -> dict:
                        **r.evaluate()})
         epoch, start_step = epoch + 1, 0
 
+    records.close()
     records.rank_state({"rank": r.ctx.rank, "world_size": r.ctx.world_size, "total_steps": total_steps,
                         "param_sha256": param_digest(r.engine, cfg.engine.zero)})
     result = {"completed": not stopped, "total_steps": total_steps, "wall_s": time.time() - wall,

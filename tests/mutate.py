@@ -39,6 +39,7 @@ MODULES = [
     "data/views.py",
     "storage/teacher_store.py",
     "models/registry.py",
+    "distributed/checkpoint.py",  # added after the score in the README was measured
 ]
 
 FAILED = {1, 3}  # a failing test, a pytest error

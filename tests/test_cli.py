@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from deit_pipe.choices import Precision, check
+from deit_pipe.choices import Distillation, Precision, SoftReduction, check
 from deit_pipe.distributed.deepspeed_engine import EngineSpec
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DISTILLATION_MODES, SOFT_REDUCTIONS
 from deit_pipe.pipeline.cli import main
 from deit_pipe.stages.teacher_logits import TeacherSpec
+from deit_pipe.stages.train import TrainConfig
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -50,10 +51,17 @@ def test_a_value_outside_the_choices_is_a_usage_error(capsys, tmp_path, argv, re
 def test_the_api_refuses_the_same_values_naming_the_option():
     assert check(Precision, Precision.bf16, "--precision") == "bf16" and check(Precision, "fp32", "-") == "fp32"
     with pytest.raises(InputError, match="^--precision must be one of bf16, fp32, not 'fp16'$"):
-        EngineSpec(precision="fp16").config()
+        EngineSpec(precision="fp16")
     with pytest.raises(InputError, match="^--precision must be one of bf16, fp32, not 'fp16'$"):
         TeacherSpec("regnetx_002", None, "fp16")
-    assert TeacherSpec("regnetx_002", None, Precision.bf16).precision == "bf16"  # stored as the plain value
+    # Members are kept as their plain values: they reach messages and JSON, where a member prints its name.
+    assert TeacherSpec("regnetx_002", None, Precision.bf16).precision == "bf16"
+    assert type(EngineSpec(precision=Precision.fp32).precision) is str
+    cfg = TrainConfig("s", "o", distillation=Distillation.soft, soft_reduction=SoftReduction.batchmean,
+                      teacher_precision=Precision.bf16)
+    assert [type(v) for v in (cfg.distillation, cfg.soft_reduction, cfg.teacher_precision)] == [str, str, str]
+    with pytest.raises(InputError, match="^--teacher-precision must be one of bf16, fp32, not 'fp8'$"):
+        TrainConfig("s", "o", teacher_precision="fp8")
 
 
 def test_the_loss_registries_are_the_choices():
