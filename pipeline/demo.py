@@ -3,10 +3,10 @@
 ImageFolder -> shards -> a small RegNet teacher trained by our own train stage -> the teacher store ->
 the same small DeiT student six ways (no distillation; hard and soft from the store; hard and soft with
 the online teacher; soft from a second store that keeps only the top-2 of the 10 classes and no logit
-code, which makes the cost of a poor tail visible), each under DeepSpeed ZeRO-2 on 2 local ranks. Every step
-runs the real CLI in a
-subprocess, exactly as a user would, and is skipped when its output already exists, so a rerun
-picks up where the last one stopped (a training run cut short resumes from its last checkpoint).
+code, which makes the cost of a poor tail visible), each under DeepSpeed ZeRO-2 on 2 local ranks. Every
+step runs the real CLI in a subprocess, exactly as a user would, and is skipped when its output already
+exists, so a rerun picks up where the last one stopped (a training run cut short resumes from its last
+checkpoint).
 The results table (markdown + JSON) and plots land in OUT.
 """
 
