@@ -11,113 +11,35 @@ A view is made in three steps, each from its own key (a numpy SeedSequence hashe
 3. mix of the unmixed views of (idx, v) and (partner, v): Mixup or CutMix, lambda and box drawn like
    timm's per-element Mixup, key ("mix", seed, split, idx, v); CutMix lambda is 1 - clipped box area.
 
-timm's transforms draw from the process's global generators: python `random` (RandomResizedCrop,
-RandAugment magnitudes, RandomErasing boxes), `numpy.random` (RandAugment op choice, mix parameters,
-CutMix box) and torch's default CPU generator (horizontal flip, erasing pixels). They run inside
-`seeded_global_rngs`, which seeds those three from the key and restores their states afterwards.
+timm's transforms draw from the process's global generators; they run inside data.rng's
+`seeded_global_rngs`, which seeds them from the key and restores their states afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import random
-import threading
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data.mixup import cutmix_bbox_and_lam, one_hot
+from timm.data.mixup import cutmix_bbox_and_lam
 
+from deit_pipe.data.mixing import NO_MIX, MixParams, mix_views
 from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.rng import isolated_global_rngs, seeded_global_rngs, view_key
 from deit_pipe.errors import InputError
 from deit_pipe.storage.shards import ShardSample
-
-# Serialises seeded scopes between threads of one process (they share the global generators).
-# Loader workers are processes and need no lock.
-_GLOBAL_RNG_LOCK = threading.RLock()
-
-
-def view_key(*parts) -> np.random.SeedSequence:
-    """A SeedSequence that depends on `parts` (str/int) only: hashed, so nearby ids give unrelated streams."""
-    blob = json.dumps(parts, separators=(",", ":")).encode()
-    return np.random.SeedSequence(int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little"))
-
-
-_saved_depth = 0  # nesting depth of isolated_global_rngs scopes (guarded by the lock)
-
-
-@contextmanager
-def isolated_global_rngs():
-    """Restore python `random`, `numpy.random` and torch's default CPU generator on leaving the scope.
-
-    Nested scopes save nothing (the outermost one restores), so a loop over many views pays for one save
-    and restore, not one per view.
-    """
-    global _saved_depth
-    with _GLOBAL_RNG_LOCK:
-        outermost = _saved_depth == 0
-        if outermost:
-            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-        _saved_depth += 1
-        try:
-            yield
-        finally:
-            _saved_depth -= 1
-            if outermost:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.default_generator.set_state(saved[2])
-
-
-@contextmanager
-def seeded_global_rngs(key: np.random.SeedSequence):
-    """Seed python `random`, `numpy.random` and torch's default CPU generator from `key`; restore them after.
-
-    What runs inside neither depends on nor disturbs the process's RNG state.
-    """
-    words = key.generate_state(6)  # uint32
-    with isolated_global_rngs():
-        random.seed(int(words[0]) | int(words[1]) << 32)
-        np.random.seed(words[2:4])
-        torch.default_generator.manual_seed(int(words[4]) | int(words[5]) << 32)
-        yield
 
 
 def decode_rgb(image: bytes) -> Image.Image:
     """Stored image bytes -> PIL RGB (grayscale and palette images are converted here)."""
     with Image.open(io.BytesIO(image)) as img:
         return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class MixParams:
-    """How one view is mixed with its partner. lam is the weight of the sample's own image and label."""
-
-    mode: str  # "mixup", "cutmix" or "none"
-    lam: float  # a float32 value; for CutMix 1 - (clipped box area) / (H * W)
-    box: tuple[int, int, int, int] | None = None  # CutMix (y_lo, y_hi, x_lo, x_hi), half-open
-
-
-NO_MIX = MixParams("none", 1.0)
-
-
-def mix_views(own: torch.Tensor, partner: torch.Tensor, params: MixParams) -> torch.Tensor:
-    if params.mode == "mixup":
-        lam = torch.tensor(params.lam, dtype=torch.float32)
-        return own * lam + partner * (1 - lam)
-    if params.mode == "cutmix":
-        yl, yh, xl, xh = params.box
-        mixed = own.clone()
-        mixed[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
-        return mixed
-    return own
 
 
 @dataclass
@@ -266,16 +188,3 @@ def view_digest(images: torch.Tensor) -> torch.Tensor:
         [int.from_bytes(hashlib.blake2b(row.data, digest_size=4).digest(), "little") for row in rows],
         dtype=torch.int64,
     )
-
-
-def mixed_targets(label, partner_label, lam, num_classes: int, smoothing: float) -> torch.Tensor:
-    """[n, C] float32: lam * smooth(one_hot(label)) + (1 - lam) * smooth(one_hot(partner_label)).
-
-    timm's smoothing convention: off = smoothing / C, on = 1 - smoothing + off.
-    """
-    off = smoothing / num_classes
-    on = 1.0 - smoothing + off
-    own = one_hot(torch.as_tensor(label), num_classes, on_value=on, off_value=off)
-    other = one_hot(torch.as_tensor(partner_label), num_classes, on_value=on, off_value=off)
-    lam = torch.as_tensor(lam, dtype=torch.float32, device=own.device).reshape(-1, 1)
-    return own * lam + other * (1 - lam)

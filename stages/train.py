@@ -16,7 +16,6 @@ Checkpoints (distributed.checkpoint) go to `<output>/checkpoints/`. `--resume` c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -27,10 +26,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction, check
+from deit_pipe.data.mixing import mixed_targets
 from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.rng import hash_seed
 from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_needed
 from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
-from deit_pipe.data.views import ViewBatch, ViewMaker, mixed_targets
+from deit_pipe.data.views import ViewBatch, ViewMaker
 from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.checkpoint import Checkpoints, full_parameters, param_digest
 from deit_pipe.distributed.context import RankContext
@@ -277,10 +278,6 @@ class StudentRun:
             model = self.build_student()
             model.load_state_dict(state)
             export_safetensors(model, path)
-
-
-def hash_seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -20,16 +20,10 @@ from timm.data.auto_augment import RandAugment
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 from torch.utils.data import DataLoader, Dataset
 
+from deit_pipe.data.mixing import MixParams, mixed_targets
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.views import (
-    MixParams,
-    ViewMaker,
-    cycle_walk,
-    decode_rgb,
-    mixed_targets,
-    view_digest,
-    view_key,
-)
+from deit_pipe.data.rng import view_key
+from deit_pipe.data.views import ViewMaker, cycle_walk, decode_rgb, view_digest
 from deit_pipe.errors import InputError
 from deit_pipe.pipeline.fashion_mnist import write_image_folder
 from deit_pipe.storage.shards import ShardSample, read_shard, write_shard
