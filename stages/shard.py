@@ -24,7 +24,7 @@ import posixpath
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -296,13 +296,19 @@ def _bar(desc: str, total: int) -> tqdm:
 # ------------------------------------------------------------------------------------------ split
 
 
-@dataclass
-class _Planned:
+@dataclass(frozen=True)
+class SplitPlan:
+    """What a split's shards hold, fixed once its files are scanned: idx -> source file."""
+
     source: SplitSource
-    verdicts: list[dict] = field(default_factory=list)  # one per source file, in file order
-    accepted: list[int] = field(default_factory=list)  # indices into source.files, in file order
-    perm: np.ndarray | None = None
-    shards_written: int = 0
+    verdicts: list[dict]  # one per source file, in file order
+    accepted: list[int]  # indices into source.files of the files kept, in file order
+    perm: np.ndarray  # idx -> position in `accepted` (the seeded shuffle)
+
+    @classmethod
+    def of(cls, source: SplitSource, verdicts: list[dict], seed: int) -> SplitPlan:
+        accepted = [i for i, v in enumerate(verdicts) if v["action"] != REJECT]
+        return cls(source, verdicts, accepted, _permutation(seed, source.split, len(accepted)))
 
 
 def _scan(dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int) -> list[dict]:
@@ -328,12 +334,13 @@ def _permutation(seed: int, split: str, n: int) -> np.ndarray:
     return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(n)
 
 
-def _markers(dest: str, planned: _Planned, options: ShardOptions) -> list[str]:
+def _markers(dest: str, planned: SplitPlan, options: ShardOptions) -> list[str]:
     num_shards = math.ceil(len(planned.accepted) / options.samples_per_shard)
     return [_marker_url(dest, planned.source.split, s) for s in range(num_shards)]
 
 
-def _write(dest: str, planned: _Planned, options: ShardOptions, ctx: RankContext, workers: int) -> None:
+def _write(dest: str, planned: SplitPlan, options: ShardOptions, ctx: RankContext, workers: int) -> int:
+    """Writes this rank's uncommitted shards; returns how many."""
     source, size, n = planned.source, options.samples_per_shard, len(planned.accepted)
     markers = _markers(dest, planned, options)
     committed = _existing(markers)
@@ -356,21 +363,19 @@ def _write(dest: str, planned: _Planned, options: ShardOptions, ctx: RankContext
         )
     with _bar(f"{source.split} write", sum(len(u.entries) for u in todo)) as bar:
         _run_units(write_shard_unit, todo, workers, bar)
-    planned.shards_written = len(todo)
+    return len(todo)
 
 
 def _plan_and_write(
     dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int
-) -> _Planned:
+) -> tuple[SplitPlan, int]:
+    """The split's plan and the number of shards this rank wrote."""
     _agree_on_plan(dest, source, options, ctx)
-    planned = _Planned(source, _scan(dest, source, options, ctx, workers))
-    planned.accepted = [i for i, v in enumerate(planned.verdicts) if v["action"] != REJECT]
-    planned.perm = _permutation(options.seed, source.split, len(planned.accepted))
-    _write(dest, planned, options, ctx, workers)
-    return planned
+    planned = SplitPlan.of(source, _scan(dest, source, options, ctx, workers), options.seed)
+    return planned, _write(dest, planned, options, ctx, workers)
 
 
-def _manifest(dest: str, planned: _Planned, options: ShardOptions) -> ShardManifest:
+def _manifest(dest: str, planned: SplitPlan, options: ShardOptions) -> ShardManifest:
     source, verdicts = planned.source, planned.verdicts
     markers = _markers(dest, planned, options)
     wait_for(markers, f"{source.split} shards of the other ranks", poll=0.5)
@@ -400,13 +405,13 @@ def run(
     if "memory" in resolve(dest)[0].protocol:
         workers = 1  # a memory:// filesystem lives in one process: worker processes would write elsewhere
     # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
-    planned = [_plan_and_write(dest, source, options, ctx, workers) for source in sources]
+    written = [_plan_and_write(dest, source, options, ctx, workers) for source in sources]
     reports = []
-    for p in planned:
-        manifest = _manifest(dest, p, options)
+    for plan, shards_written in written:
+        manifest = _manifest(dest, plan, options)
         if ctx.is_main:
             manifest.save(dest)
-        reports.append(SplitReport(manifest, p.shards_written))
+        reports.append(SplitReport(manifest, shards_written))
     return reports
 
 
