@@ -162,7 +162,7 @@ def teacher_logits(
     from deit_pipe.stages import teacher_logits as stage
 
     summary = stage.run(
-        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision.value),
+        shards, store, stage.TeacherSpec(teacher, teacher_weights, precision),
         ViewRecipe(img_size=img_size, seed=seed).with_overrides(recipe_overrides(recipe)),
         views=views, k=topk, split=split, batch_size=batch_size, workers=workers, device=device,
         code=stage.CodeSpec(code_rank, code_step, code_fit_views),
@@ -278,11 +278,11 @@ def train(
     cfg = stage.TrainConfig(
         shards=shards, output=output, store=logits,
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
-        distillation=distillation.value, alpha=alpha, tau=tau, max_target_kl=max_target_kl,
-        soft_reduction=soft_reduction.value, teacher_online=teacher_online, teacher_weights=teacher_weights,
-        teacher_precision=teacher_precision and teacher_precision.value,
+        distillation=distillation, alpha=alpha, tau=tau, max_target_kl=max_target_kl,
+        soft_reduction=soft_reduction, teacher_online=teacher_online, teacher_weights=teacher_weights,
+        teacher_precision=teacher_precision,
         epochs=epochs, repeats=repeats, seed=seed, img_size=img_size, recipe_overrides=recipe_overrides(recipe),
-        engine=EngineSpec(zero, precision.value, batch_size, grad_accum, user_config=ds_config),
+        engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
         schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs, lr_per_step), weight_decay=weight_decay,
         workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
         max_steps=max_steps,
