@@ -9,9 +9,9 @@ A store entry per (idx, view) holds
   principal directions of the teacher's logits on this data set's views, fitted once per store), each
   rounded to a multiple of its step and stored as int8. The step is the store's `step` in logit units,
   widened for a direction whose coordinates would not fit in int8 (a teacher with very large logits). A
-  teacher's logits vary along few directions, so a
-  few hundred coarse coordinates keep the shape of the tail, which a flat fill cannot: on mixed DeiT views a
-  real 1000-class teacher keeps ~40% of its mass outside the top-10 at tau = 1 and ~94% at tau = 3.
+  teacher's logits vary along few directions, so a few hundred coarse coordinates keep the shape of the tail,
+  which a flat fill cannot: on mixed DeiT views a real 1000-class teacher keeps ~40% of its mass outside the
+  top-10 at tau = 1 and ~94% at tau = 3.
 
 Rebuilt logits: the code's vector, the top-k entries replaced by the stored values, the other classes
 shifted together so that their log-sum-exp is the stored one. At tau = 1 the top-k probabilities and

@@ -49,10 +49,15 @@ TIMEOUTS = {36, -24, 24, 152, 255}  # a mutant that hangs (a barrier that never 
 KILLED = FAILED | TIMEOUTS
 
 
-def package_dirs() -> dict[str, str]:
-    """deit_pipe.<floor> -> folder, as pyproject.toml maps them."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return config["tool"]["setuptools"]["package-dir"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGE_DIRS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # deit_pipe.<floor> -> folder
+NO_CACHES = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def copy_tests(*destinations: Path) -> None:
+    """The repository's tests as they are now, into each destination folder."""
+    for destination in destinations:
+        shutil.copytree(ROOT / "tests", destination, dirs_exist_ok=True, ignore=NO_CACHES)
 
 
 def assemble(modules: list[str]) -> None:
@@ -60,17 +65,14 @@ def assemble(modules: list[str]) -> None:
     if STAGING.exists():
         shutil.rmtree(STAGING)
     STAGING.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package, folder in package_dirs().items():
-        target = STAGING / Path(*package.split("."))
-        shutil.copytree(ROOT / folder, target, ignore=ignore)
-    shutil.copytree(ROOT / "tests", STAGING / "tests", ignore=ignore)
-    folder_of = {folder: package for package, folder in package_dirs().items()}
+    for package, folder in PACKAGE_DIRS.items():
+        shutil.copytree(ROOT / folder, STAGING / Path(*package.split(".")), ignore=NO_CACHES)
+    copy_tests(STAGING / "tests")
+    package_of = {folder: package for package, folder in PACKAGE_DIRS.items()}
     only = []
     for module in modules:
         folder, name = module.split("/", 1)
-        only.append("/".join(folder_of[folder].split(".")) + "/" + name)
-    pytest_section = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+        only.append("/".join(package_of[folder].split(".")) + "/" + name)
     settings = {
         "source_paths": ["deit_pipe"],
         "only_mutate": only,
@@ -85,7 +87,7 @@ def assemble(modules: list[str]) -> None:
     }
     lines = ["[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     lines += ["", "[tool.pytest.ini_options]"] + [f"{key} = {json.dumps(value)}"
-                                                  for key, value in pytest_section.items()]
+                                                  for key, value in PYPROJECT["tool"]["pytest"]["ini_options"].items()]
     (STAGING / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
@@ -100,18 +102,21 @@ def mutmut(*args: str, log: Path | None = None) -> str:
 
 def verdicts() -> dict[str, dict[str, int | None]]:
     """module (repository path) -> mutant name -> mutmut's exit code, from mutmut's .meta files."""
-    folder_of = {package: folder for package, folder in package_dirs().items()}
     out: dict[str, dict[str, int | None]] = {}
     for meta in sorted((STAGING / "mutants" / "deit_pipe").rglob("*.py.meta")):
         relative = meta.relative_to(STAGING / "mutants").with_suffix("")  # deit_pipe/loss/deit.py
-        package = ".".join(relative.parent.parts)
-        module = f"{folder_of[package]}/{relative.name}"
+        module = f"{PACKAGE_DIRS['.'.join(relative.parent.parts)]}/{relative.name}"
         out[module] = json.loads(meta.read_text())["exit_code_by_key"]
     return out
 
 
 def report(results: dict[str, dict[str, int | None]]) -> list[str]:
     """Prints the score per module (killed = a test failed or the mutant timed out); returns the survivors."""
+    def row(name: str, c: Counter) -> None:
+        alive = c["mutants"] - c["failed"] - c["timeout"]
+        score = 100 * (c["failed"] + c["timeout"]) / max(c["mutants"], 1)
+        print(f"{name:26s} {c['mutants']:7d} {c['failed']:7d} {c['timeout']:7d} {alive:6d} {score:6.1f}%")
+
     survivors, total = [], Counter()
     print(f"{'module':26s} {'mutants':>7s} {'failed':>7s} {'timeout':>7s} {'alive':>6s} {'score':>7s}")
     for module, codes in results.items():
@@ -119,13 +124,8 @@ def report(results: dict[str, dict[str, int | None]]) -> list[str]:
                         timeout=sum(c in TIMEOUTS for c in codes.values()))
         survivors += [name for name, code in codes.items() if code not in KILLED]
         total.update(count)
-        rows = [(module, count)]
-        if module == list(results)[-1]:
-            rows.append(("all", total))
-        for name, c in rows:
-            alive = c["mutants"] - c["failed"] - c["timeout"]
-            score = 100 * (c["failed"] + c["timeout"]) / max(c["mutants"], 1)
-            print(f"{name:26s} {c['mutants']:7d} {c['failed']:7d} {c['timeout']:7d} {alive:6d} {score:6.1f}%")
+        row(module, count)
+    row("all", total)
     return survivors
 
 
@@ -151,9 +151,7 @@ def main() -> None:
         survivors = [name for codes in verdicts().values() for name, code in codes.items() if code not in FAILED]
         # fresh copies of the tests (the sources are unchanged), then only the survivors
         shutil.rmtree(STAGING / "tests")
-        shutil.copytree(ROOT / "tests", STAGING / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(ROOT / "tests", STAGING / "mutants" / "tests", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        copy_tests(STAGING / "tests", STAGING / "mutants" / "tests")
         run = ["run", "--max-children", str(args.max_children), *survivors]
     else:
         assemble(args.only or MODULES)
