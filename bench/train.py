@@ -54,7 +54,7 @@ def batches(run):
     """Training batches of epoch 0, 1, ... for as long as asked."""
     epoch = 0
     while True:
-        for step, (_, batch, stored) in enumerate(run.train_loader(epoch, 0)):
+        for step, (_, batch, stored) in enumerate(run.data.loader(epoch, 0)):
             yield epoch, step, batch, stored
         epoch += 1
 

@@ -1,10 +1,16 @@
-"""Seeds derived from names, and the global generators timm's transforms draw from.
+"""Every seed deit-pipe derives, from one function, and the global generators timm's transforms draw from.
+
+`seed_sequence(*parts)` turns names and numbers into a numpy SeedSequence (blake2b of their compact JSON, so
+nearby ids give unrelated streams and no process or library version changes it). Everything random that must
+replay is drawn under such a key: a view's transform and mixing, a shard's pairing, a split's sample order, a
+group's shard walk, a training step's stochastic depth. Orders come from `permutation`, numpy's legacy
+RandomState stream, which numpy keeps frozen across versions (Generator's is not).
 
 timm's transforms draw from the process's global generators: python `random` (RandomResizedCrop,
 RandAugment magnitudes, RandomErasing boxes), `numpy.random` (RandAugment op choice, mix parameters,
-CutMix box) and torch's default CPU generator (horizontal flip, erasing pixels, stochastic depth). A view
-or a training step that must come out the same in any process runs inside `seeded_global_rngs`, which seeds
-those three from a key and restores their states afterwards.
+CutMix box) and torch's default CPU generator (horizontal flip, erasing pixels, stochastic depth). Whatever
+must come out the same in any process runs inside `seeded_global_rngs`, which seeds those three from a key
+and restores their states afterwards.
 """
 
 from __future__ import annotations
@@ -23,36 +29,20 @@ import torch
 _GLOBAL_RNG_LOCK = threading.RLock()
 
 
-def view_key(*parts) -> np.random.SeedSequence:
-    """A SeedSequence that depends on `parts` (str/int) only: hashed, so nearby ids give unrelated streams."""
-    blob = json.dumps(parts, separators=(",", ":")).encode()
+def seed_sequence(*parts: str | int) -> np.random.SeedSequence:
+    """A SeedSequence that depends on `parts` (str/int) only."""
+    blob = json.dumps([p if isinstance(p, str) else int(p) for p in parts], separators=(",", ":")).encode()
     return np.random.SeedSequence(int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little"))
 
 
-_saved_depth = 0  # nesting depth of isolated_global_rngs scopes (guarded by the lock)
+def permutation(n: int, *parts: str | int) -> np.ndarray:
+    """A permutation of range(n) that depends on `parts` only, in any numpy version."""
+    return np.random.RandomState(seed_sequence(*parts).generate_state(4)).permutation(n)
 
 
-@contextmanager
-def isolated_global_rngs():
-    """Restore python `random`, `numpy.random` and torch's default CPU generator on leaving the scope.
-
-    Nested scopes save nothing (the outermost one restores), so a loop over many views pays for one save
-    and restore, not one per view.
-    """
-    global _saved_depth
-    with _GLOBAL_RNG_LOCK:
-        outermost = _saved_depth == 0
-        if outermost:
-            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-        _saved_depth += 1
-        try:
-            yield
-        finally:
-            _saved_depth -= 1
-            if outermost:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.default_generator.set_state(saved[2])
+def torch_seed(*parts: str | int) -> int:
+    """A 63-bit seed for torch.manual_seed that depends on `parts` only."""
+    return int(seed_sequence(*parts).generate_state(1, np.uint64)[0]) >> 1
 
 
 @contextmanager
@@ -62,13 +52,14 @@ def seeded_global_rngs(key: np.random.SeedSequence):
     What runs inside neither depends on nor disturbs the process's RNG state.
     """
     words = key.generate_state(6)  # uint32
-    with isolated_global_rngs():
+    with _GLOBAL_RNG_LOCK:
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         random.seed(int(words[0]) | int(words[1]) << 32)
         np.random.seed(words[2:4])
         torch.default_generator.manual_seed(int(words[4]) | int(words[5]) << 32)
-        yield
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on `parts` only (torch.manual_seed of a training step)."""
-    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little") >> 1
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])

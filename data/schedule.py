@@ -33,6 +33,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from deit_pipe.data.rng import permutation
 from deit_pipe.data.view_plan import ViewPiece, cycle_order
 from deit_pipe.data.views import ViewMaker
 from deit_pipe.errors import InputError
@@ -130,8 +131,7 @@ class GroupWalk:
 
     def __init__(self, maker: ViewMaker, manifest: ShardManifest, group: int, pairing_view: int, seed: int):
         self.maker, self.manifest, self.pairing_view = maker, manifest, pairing_view
-        # Legacy RandomState: its permutation stream is frozen across numpy versions.
-        self.shards = [int(s) for s in np.random.RandomState([seed, group, 0x5EED]).permutation(manifest.num_shards)]
+        self.shards = [int(s) for s in permutation(manifest.num_shards, "walk", seed, group)]
         sizes = [len(manifest.shard_range(s)) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         self._cycles: dict[int, list[int]] = {}

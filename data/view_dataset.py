@@ -9,11 +9,14 @@ so a shard is read about once per worker.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from deit_pipe.data.schedule import EpochPlan, rank_items
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker, decode_rgb
 from deit_pipe.errors import InputError
@@ -112,6 +115,34 @@ class ViewDataset(Dataset):
         targets = StoreEntry(*(torch.cat([getattr(s, f) for s in stored])
                                for f in ("topk_logits", "topk_classes", "tail_lse", "codes")))
         return pieces, concat_batches(batches), targets
+
+
+@dataclass(frozen=True)
+class TrainViews:
+    """One rank's training batches, epoch by epoch: its share of each epoch's view schedule (data.schedule),
+    rebuilt from the shards and, when targets are cached, joined with the store's rows."""
+
+    shards: str
+    manifest: ShardManifest
+    maker: ViewMaker
+    plans: Callable[[int], EpochPlan]  # epoch -> the whole world's plan of it
+    rank: int
+    seed: int
+    store: str | None  # the teacher store's URL, None without cached targets
+    store_views: int | None
+    allow_view_reuse: bool
+    workers: int
+
+    def steps_in(self, epoch: int) -> int:
+        return self.plans(epoch).steps
+
+    def loader(self, epoch: int, start_step: int) -> DataLoader:
+        """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`."""
+        plan = rank_items(self.maker, self.manifest, self.plans(epoch), self.rank, self.seed, self.store_views,
+                          self.allow_view_reuse)
+        dataset = ViewDataset(self.shards, self.maker, plan, self.store)
+        return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=self.workers,
+                          prefetch_factor=4 if self.workers else None)
 
 
 class EvalDataset(Dataset):

@@ -31,7 +31,7 @@ from timm.data.mixup import cutmix_bbox_and_lam
 
 from deit_pipe.data.mixing import NO_MIX, MixParams, mix_views
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.rng import isolated_global_rngs, seeded_global_rngs, view_key
+from deit_pipe.data.rng import permutation, seed_sequence, seeded_global_rngs
 from deit_pipe.errors import InputError
 from deit_pipe.storage.shards import ShardSample
 
@@ -63,13 +63,12 @@ class ViewMaker:
         self._transform = recipe.train_transform()
 
     def _key(self, purpose: str, unit: int, v: int) -> np.random.SeedSequence:
-        return view_key(purpose, self.recipe.seed, self.split, unit, v)
+        return seed_sequence(purpose, self.recipe.seed, self.split, unit, v)
 
     def partner_positions(self, shard_index: int, n: int, v: int) -> np.ndarray:
         """Partner position of each of a shard's n positions in view v: one cycle through all of them."""
         block = v // self.recipe.pairing_views
-        # Legacy RandomState: its permutation stream is frozen across numpy versions, Generator's is not.
-        order = np.random.RandomState(self._key("pair", shard_index, block).generate_state(4)).permutation(n)
+        order = permutation(n, "pair", self.recipe.seed, self.split, shard_index, block)
         partner = np.empty(n, dtype=np.int64)
         partner[order] = np.roll(order, -1)
         return partner
@@ -116,23 +115,21 @@ class ViewMaker:
         size = self.recipe.img_size
         images = torch.empty((len(positions), 3, size, size), dtype=torch.float32)
         slot = {p: i for i, p in enumerate(positions)}
-        # One save and restore of the global generators for the whole loop, not one per view.
-        with isolated_global_rngs():
-            params = {p: self.mix_params(idxs[p], v) for p in positions}
-            uses = Counter(positions)
-            uses.update(int(partner_pos[p]) for p in positions if params[p].mode != "none")
-            cache: dict[int, torch.Tensor] = {}
+        params = {p: self.mix_params(idxs[p], v) for p in positions}
+        uses = Counter(positions)
+        uses.update(int(partner_pos[p]) for p in positions if params[p].mode != "none")
+        cache: dict[int, torch.Tensor] = {}
 
-            def take(p: int) -> torch.Tensor:
-                if p not in cache:
-                    cache[p] = self.unmixed(samples[p], v)
-                uses[p] -= 1
-                return cache[p] if uses[p] else cache.pop(p)
+        def take(p: int) -> torch.Tensor:
+            if p not in cache:
+                cache[p] = self.unmixed(samples[p], v)
+            uses[p] -= 1
+            return cache[p] if uses[p] else cache.pop(p)
 
-            for p in _cycle_order(positions, partner_pos):
-                own = take(p)
-                partner = take(int(partner_pos[p])) if params[p].mode != "none" else own
-                images[slot[p]] = mix_views(own, partner, params[p])
+        for p in _cycle_order(positions, partner_pos):
+            own = take(p)
+            partner = take(int(partner_pos[p])) if params[p].mode != "none" else own
+            images[slot[p]] = mix_views(own, partner, params[p])
 
         partner_idx = [idxs[partner_pos[p]] for p in positions]
         return ViewBatch(

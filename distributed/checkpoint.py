@@ -10,7 +10,6 @@ another world size the optimizer state comes through DeepSpeed's universal check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
+from deit_pipe.models.export import export_safetensors
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,6 @@ class Resume:
     tag: str
     position: Position
     universal: bool
-
-
-def full_parameters(engine, zero: int):
-    """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards, and
-    evaluation and the digest touch the module outside the engine's forward."""
-    from deepspeed.runtime.zero import GatheredParameters
-
-    return GatheredParameters(list(engine.module.parameters()), enabled=zero == 3)
 
 
 class Checkpoints:
@@ -136,11 +128,10 @@ class Checkpoints:
             return {k: v.float() for k, v in engine.module.state_dict().items()}
         return get_fp32_state_dict_from_zero_checkpoint(self.dir)
 
-
-def param_digest(engine, zero: int) -> str:
-    """sha256 of the full fp32 parameters, the same on every rank when the ranks agree."""
-    h = hashlib.sha256()
-    with full_parameters(engine, zero):
-        for p in engine.module.parameters():
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    def export(self, engine, zero: int, build: Callable[[], torch.nn.Module], path: str) -> None:
+        """The final model as safetensors (fp32), written by rank 0 into a fresh `build()`."""
+        state = self.fp32_state(engine, zero)
+        if state is not None:
+            model = build()
+            model.load_state_dict(state)
+            export_safetensors(model, path)

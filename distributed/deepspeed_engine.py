@@ -6,6 +6,7 @@ is made before deepspeed is imported, since DeepSpeed picks its accelerator at i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -106,3 +107,20 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
 
 def input_dtype(engine) -> torch.dtype:
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+def full_parameters(engine, zero: int):
+    """Whole parameters on every rank while in the context: ZeRO-3 keeps only slices between forwards, and
+    evaluation and the digest touch the module outside the engine's forward."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    return GatheredParameters(list(engine.module.parameters()), enabled=zero == 3)
+
+
+def param_digest(engine, zero: int) -> str:
+    """sha256 of the full fp32 parameters, the same on every rank when the ranks agree."""
+    h = hashlib.sha256()
+    with full_parameters(engine, zero):
+        for p in engine.module.parameters():
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()

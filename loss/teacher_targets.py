@@ -173,3 +173,25 @@ class TeacherTargets:
         """Online-teacher path (kept for comparison): DeiT's log_softmax(teacher_logits / tau)."""
         logits = logits.detach().float()
         return cls(log_probs=F.log_softmax(logits / tau, dim=1), top1=logits.argmax(dim=1), tau=tau)
+
+
+class CachedTeacher:
+    """Targets from the store's entries for each batch's (idx, view): no teacher runs."""
+
+    def __init__(self, code: LogitCode, tau: float, device: torch.device):
+        self.code, self.tau, self.device = code.to(device), tau, device
+
+    def __call__(self, images: Tensor, entry: StoreEntry) -> TeacherTargets:
+        return TeacherTargets.from_store(entry.to(self.device), self.code, self.tau)
+
+
+class OnlineTeacher:
+    """Targets from a teacher run on each batch, as DeiT does (kept to compare the cached path against)."""
+
+    def __init__(self, model: torch.nn.Module, tau: float, bf16: bool):
+        self.model, self.tau, self.bf16 = model.eval(), tau, bf16
+
+    def __call__(self, images: Tensor, entry: StoreEntry | None) -> TeacherTargets:
+        with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(images)
+        return TeacherTargets.from_logits(logits.float(), self.tau)

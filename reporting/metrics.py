@@ -1,5 +1,8 @@
 """Evaluation and the reductions behind the numbers a run logs.
 
+`Evaluation` scores a run's engine on the whole val split at each epoch end, each rank reading its share of the
+shards; `accuracy` sums the hits of every rank.
+
 Every tensor handed to a collective lives on the engine's device: NCCL reduces CUDA tensors only (gloo
 takes either), so a CPU tensor would end a GPU run at its first epoch end. Counts accumulate on the
 device too, so an evaluation syncs with the host once, not once per batch.
@@ -12,8 +15,13 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
+from deit_pipe.data.view_dataset import EvalDataset
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.distributed.deepspeed_engine import full_parameters, input_dtype
 from deit_pipe.models.registry import head_logits
+from deit_pipe.storage.manifest import ShardManifest
 
 
 def mean_over_ranks(values: list[float], device: torch.device) -> float:
@@ -46,3 +54,23 @@ def accuracy(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
         result[f"{head}_top1"] = 100.0 * top1 / max(images, 1.0)
         result[f"{head}_top5"] = 100.0 * top5 / max(images, 1.0)
     return result
+
+
+class Evaluation:
+    """top-1/top-5 of the averaged heads, and of each head for a distilled student, over a whole val split."""
+
+    def __init__(self, shards: str, manifest: ShardManifest, ctx: RankContext, transform, batch_size: int,
+                 workers: int, distilled: bool, device: torch.device):
+        self.data = EvalDataset(shards, manifest, ctx.my_units(list(range(manifest.num_shards))), transform,
+                                batch_size)
+        self.workers, self.device = workers, device
+        self.heads = ("avg", "cls", "dist") if distilled else ("avg",)
+
+    def __call__(self, engine, zero: int) -> dict[str, float]:
+        module = engine.module
+        module.eval()
+        with full_parameters(engine, zero):
+            result = accuracy(module, DataLoader(self.data, batch_size=None, num_workers=self.workers), self.heads,
+                              self.device, input_dtype(engine))
+        module.train()
+        return result

@@ -20,29 +20,29 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction, check
 from deit_pipe.data.mixing import mixed_targets
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.rng import hash_seed
-from deit_pipe.data.schedule import EpochPlan, check_pairing, rank_items, views_needed
-from deit_pipe.data.view_dataset import EvalDataset, ViewDataset
+from deit_pipe.data.rng import torch_seed
+from deit_pipe.data.schedule import EpochPlan, check_pairing, views_needed
+from deit_pipe.data.view_dataset import TrainViews
 from deit_pipe.data.views import ViewBatch, ViewMaker
 from deit_pipe.distributed import deepspeed_engine
-from deit_pipe.distributed.checkpoint import Checkpoints, full_parameters, param_digest
+from deit_pipe.distributed.checkpoint import Checkpoints
 from deit_pipe.distributed.context import RankContext
-from deit_pipe.distributed.deepspeed_engine import EngineSpec
+from deit_pipe.distributed.deepspeed_engine import EngineSpec, param_digest
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
-from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, TeacherTargets, served_kl
-from deit_pipe.models.export import export_safetensors
+from deit_pipe.loss.teacher_targets import CachedTeacher, LogitCode, OnlineTeacher, StoreEntry, served_kl
 from deit_pipe.models.registry import create_student, create_teacher, is_distilled, is_vit, set_distilled_training
 from deit_pipe.optim.schedule import LRSchedule, adamw
 from deit_pipe.reporting import metrics
+from deit_pipe.reporting.metrics import Evaluation
 from deit_pipe.reporting.run_records import RunRecords
 from deit_pipe.stages.verify_store import open_bound_store
 from deit_pipe.storage.location import exists, is_local
@@ -152,43 +152,33 @@ def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch
 
 
 class StudentRun:
-    """One training run: the pieces the loop needs, built once from the config."""
+    """One training run's components, each with one job, built once from the config on every rank."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.ctx = RankContext.from_env()
         self.recipe, store = check_config(cfg, self.ctx.world_size)
-        self.store_views = store.num_views if store else None
-        self.logit_code = LogitCode.of_store(store) if store else None
+        self.device = deepspeed_engine.select_accelerator()
+        deepspeed_engine.init_distributed(self.device)
+        manifest = ShardManifest.load(cfg.shards, "train")
+        self.num_classes = len(manifest.classes)
+        self.data = TrainViews(cfg.shards, manifest, ViewMaker(self.recipe, "train"),
+                               partial(epoch_plan, cfg, manifest, self.ctx.world_size), self.ctx.rank, cfg.seed,
+                               cfg.store if store else None, store.num_views if store else None,
+                               cfg.allow_view_reuse, cfg.workers)
+        self.teacher = self._teacher(store)
         # What soft targets from the store cost: the mean KL to the teacher's own distribution at our tau.
         self.target_kl = (served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
                           if store and cfg.distillation == "soft" else None)
-        self.device = deepspeed_engine.select_accelerator()
-        if self.logit_code is not None:
-            self.logit_code = self.logit_code.to(self.device)
-        deepspeed_engine.init_distributed(self.device)
-        self.manifest = ShardManifest.load(cfg.shards, "train")
-        self.val = ShardManifest.load(cfg.shards, "val") if exists(manifest_url(cfg.shards, "val")) else None
-        self.num_classes = len(self.manifest.classes)
-        self.maker = ViewMaker(self.recipe, "train")
         self.criterion = DistillationLoss(cfg.distillation, cfg.alpha, cfg.tau, cfg.soft_reduction)
-        self.teacher = self._online_teacher()
-        torch.manual_seed(cfg.seed)  # the same initial student on every rank and in every run of this config
-        model = self.build_student()
-        self.distilled = is_distilled(model)
-        if cfg.distillation != "none" or self.distilled:
-            # Distilled training mode returns both heads; with loss "none" both learn from the labels.
-            set_distilled_training(model, True)
         self.samples_per_step = cfg.engine.micro_batch * self.ctx.world_size
-        self.global_batch = self.samples_per_step * cfg.engine.grad_accum
         self.checkpoints = Checkpoints(cfg.output, self.ctx, self.samples_per_step)
         self.resume = self.checkpoints.resume(cfg.engine.zero, cfg.engine.precision) if cfg.resume else None
-        self.engine = deepspeed_engine.initialize(
-            model, adamw(model, cfg.schedule.peak(self.global_batch), cfg.weight_decay),
-            cfg.engine.config(load_universal=self.resume is not None and self.resume.universal),
-        )
+        self.engine = self._engine()
         self.dtype = deepspeed_engine.input_dtype(self.engine)
         self.lr_scheduler = cfg.schedule.scheduler(self.engine.optimizer)
+        self.evaluation = self._evaluation()
+        self.records = RunRecords(cfg.output, self.ctx)
 
     def build_student(self) -> torch.nn.Module:
         s = self.cfg.student
@@ -197,49 +187,43 @@ class StudentRun:
         return create_student(s.name, self.num_classes, img_size=img_size, patch_size=s.patch_size, depth=s.depth,
                               embed_dim=s.embed_dim, num_heads=s.num_heads, drop_path_rate=s.drop_path)
 
-    def _online_teacher(self) -> torch.nn.Module | None:
+    def _teacher(self, store: TeacherStore | None) -> CachedTeacher | OnlineTeacher | None:
         cfg = self.cfg
-        if not cfg.teacher_online:
+        if cfg.distillation == "none":
             return None
+        if not cfg.teacher_online:
+            return CachedTeacher(LogitCode.of_store(store), cfg.tau, self.device)
         model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights,
                                   img_size=self.recipe.img_size)
-        return model.to(self.device).eval()
+        return OnlineTeacher(model.to(self.device), cfg.tau, (cfg.teacher_precision or cfg.engine.precision) == "bf16")
 
-    # -- data ---------------------------------------------------------------------------------------
-
-    def steps_in(self, epoch: int) -> int:
-        return epoch_plan(self.cfg, self.manifest, self.ctx.world_size, epoch).steps
-
-    def train_loader(self, epoch: int, start_step: int) -> DataLoader:
+    def _engine(self):
         cfg = self.cfg
-        plan = rank_items(self.maker, self.manifest, epoch_plan(cfg, self.manifest, self.ctx.world_size, epoch),
-                          self.ctx.rank, cfg.seed, self.store_views, cfg.allow_view_reuse)
-        store_url = cfg.store if self.store_views is not None else None
-        dataset = ViewDataset(cfg.shards, self.maker, plan, store_url)
-        return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=cfg.workers,
-                          prefetch_factor=4 if cfg.workers else None)
+        torch.manual_seed(cfg.seed)  # the same initial student on every rank and in every run of this config
+        model = self.build_student()
+        if cfg.distillation != "none" or is_distilled(model):
+            # Distilled training mode returns both heads; with loss "none" both learn from the labels.
+            set_distilled_training(model, True)
+        optimizer = adamw(model, cfg.schedule.peak(self.samples_per_step * cfg.engine.grad_accum), cfg.weight_decay)
+        universal = self.resume is not None and self.resume.universal
+        return deepspeed_engine.initialize(model, optimizer, cfg.engine.config(load_universal=universal))
 
-    def teacher_targets(self, images: torch.Tensor, stored: StoreEntry | None) -> TeacherTargets | None:
-        if self.cfg.distillation == "none":
+    def _evaluation(self) -> Evaluation | None:
+        cfg = self.cfg
+        if not exists(manifest_url(cfg.shards, "val")):
             return None
-        if self.teacher is not None:
-            teacher_bf16 = (self.cfg.teacher_precision or self.cfg.engine.precision) == "bf16"
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=teacher_bf16):
-                logits = self.teacher(images)
-            return TeacherTargets.from_logits(logits.float(), self.cfg.tau)
-        return TeacherTargets.from_store(stored.to(self.device), self.logit_code, self.cfg.tau)
-
-    # -- steps ---------------------------------------------------------------------------------------
+        return Evaluation(cfg.shards, ShardManifest.load(cfg.shards, "val"), self.ctx, self.recipe.eval_transform(),
+                          cfg.engine.micro_batch, cfg.workers, is_distilled(self.engine.module), self.device)
 
     def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int, steps: int) -> float:
         cfg = self.cfg
         # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
         # resumed run draws what the unbroken run drew.
-        torch.manual_seed(hash_seed(cfg.seed, epoch, step, self.ctx.rank))
+        torch.manual_seed(torch_seed("step", cfg.seed, epoch, step, self.ctx.rank))
         self.lr_scheduler.step(cfg.schedule.position(epoch, step, steps))
         images = batch.images.to(self.device, non_blocking=True)
         targets = mixed_targets(batch.label, batch.partner_label, batch.lam, self.num_classes, self.recipe.smoothing)
-        teacher = self.teacher_targets(images, stored)
+        teacher = self.teacher(images, stored) if self.teacher else None
         outputs = self.engine(images.to(self.dtype))
         outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
         loss = self.criterion(outputs, targets.to(self.device), teacher)
@@ -247,84 +231,54 @@ class StudentRun:
         self.engine.step()
         return loss.item()
 
-    def evaluate(self) -> dict:
-        """top-1/top-5 of the averaged heads and of each head, over the whole val split (all ranks)."""
-        if self.val is None:
-            return {}
-        module = self.engine.module
-        shards = self.ctx.my_units(list(range(self.val.num_shards)))
-        data = EvalDataset(self.cfg.shards, self.val, shards, self.recipe.eval_transform(), self.cfg.engine.micro_batch)
-        heads = ("avg", "cls", "dist") if self.distilled else ("avg",)
-        module.eval()
-        with full_parameters(self.engine, self.cfg.engine.zero):
-            result = metrics.accuracy(module, DataLoader(data, batch_size=None, num_workers=self.cfg.workers), heads,
-                                      self.device, self.dtype)
-        module.train()
-        return result
+    def end_epoch(self, epoch: int, total_steps: int, losses: list[float], seconds: float) -> None:
+        """The epoch's row: the mean loss over every rank's steps (a resumed epoch: the steps after the resume),
+        and the val accuracy."""
+        scores = self.evaluation(self.engine, self.cfg.engine.zero) if self.evaluation else {}
+        self.records.epoch({"epoch": epoch, "steps": total_steps,
+                            "train_loss": metrics.mean_over_ranks(losses, self.device),
+                            "images_per_s": len(losses) * self.samples_per_step / max(seconds, 1e-9), **scores})
 
-    # -- checkpoints --------------------------------------------------------------------------------
-
-    def save(self, epoch: int, step: int, total_steps: int) -> None:
-        self.checkpoints.save(self.engine, epoch, step, total_steps)
-
-    def load(self) -> tuple[int, int, int]:
-        """(epoch, step within it, total steps) to continue from; (0, 0, 0) when not resuming."""
-        return self.checkpoints.load(self.engine, self.resume, self.cfg.engine.grad_accum, self.steps_in)
-
-    def export(self, path: str) -> None:
-        """The final student as safetensors (fp32)."""
-        state = self.checkpoints.fp32_state(self.engine, self.cfg.engine.zero)
-        if state is not None:
-            model = self.build_student()
-            model.load_state_dict(state)
-            export_safetensors(model, path)
+    def finish(self, total_steps: int, seconds: float, images: int, completed: bool) -> dict:
+        """Each rank's final state; when the run completed, the exported student, the plot and results.json."""
+        cfg = self.cfg
+        self.records.close()
+        self.records.rank_state({"rank": self.ctx.rank, "world_size": self.ctx.world_size, "total_steps": total_steps,
+                                 "param_sha256": param_digest(self.engine, cfg.engine.zero)})
+        result = {"completed": completed, "total_steps": total_steps, "wall_s": seconds,
+                  "teacher_target_kl": self.target_kl, "images_per_s": images / max(seconds, 1e-9)}
+        if not completed:
+            return result
+        self.checkpoints.export(self.engine, cfg.engine.zero, self.build_student,
+                                os.path.join(cfg.output, "student.safetensors"))
+        return self.records.finish(result, _jsonable(asdict(cfg)), title=cfg.student.name)
 
 
 def run(cfg: TrainConfig) -> dict:
     r = StudentRun(cfg)
-    records = RunRecords(cfg.output, r.ctx)
     if r.target_kl is not None and r.ctx.is_main:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
-    epoch, start_step, total_steps = r.load()
-    wall, images_seen, stopped = time.time(), 0, False
-    while epoch < cfg.epochs and not stopped:
-        steps = r.steps_in(epoch)
-        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="step",
-                   disable=not r.ctx.is_main or None)
-        t0, losses = time.time(), []
-        for step, (_, batch, stored) in enumerate(r.train_loader(epoch, start_step), start=start_step):
-            losses.append(r.train_step(batch, stored, epoch, step, steps))
-            total_steps += 1
-            images_seen += len(batch.idx)
-            records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}",
-                            img_s=f"{len(losses) * r.samples_per_step / (time.time() - t0):.0f}")
-            stopped = bool(cfg.max_steps) and total_steps >= cfg.max_steps
-            if stopped or (cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0 and step + 1 < steps):
-                r.save(epoch, step + 1, total_steps)
-            if stopped:
-                break
-        bar.close()
-        if stopped:
-            break
-        r.save(epoch, steps, total_steps)
-        # The epoch's mean over every rank's steps (a resumed epoch: over the steps after the resume).
-        records.epoch({"epoch": epoch, "steps": total_steps, "train_loss": metrics.mean_over_ranks(losses, r.device),
-                       "images_per_s": len(losses) * r.samples_per_step / max(time.time() - t0, 1e-9),
-                       **r.evaluate()})
+    epoch, start_step, total_steps = r.checkpoints.load(r.engine, r.resume, cfg.engine.grad_accum, r.data.steps_in)
+    started, images = time.time(), 0
+    while epoch < cfg.epochs:
+        steps, epoch_started, losses = r.data.steps_in(epoch), time.time(), []
+        with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="img", unit_scale=r.samples_per_step,
+                  disable=not r.ctx.is_main or None) as bar:
+            for step, (_, batch, stored) in enumerate(r.data.loader(epoch, start_step), start=start_step):
+                losses.append(r.train_step(batch, stored, epoch, step, steps))
+                total_steps, images = total_steps + 1, images + len(batch.idx)
+                r.records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                bar.update(1)
+                stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps
+                if stop or step + 1 == steps or (cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0):
+                    r.checkpoints.save(r.engine, epoch, step + 1, total_steps)
+                if stop:
+                    return r.finish(total_steps, time.time() - started, images, completed=False)
+        r.end_epoch(epoch, total_steps, losses, time.time() - epoch_started)
         epoch, start_step = epoch + 1, 0
-
-    records.close()
-    records.rank_state({"rank": r.ctx.rank, "world_size": r.ctx.world_size, "total_steps": total_steps,
-                        "param_sha256": param_digest(r.engine, cfg.engine.zero)})
-    result = {"completed": not stopped, "total_steps": total_steps, "wall_s": time.time() - wall,
-              "teacher_target_kl": r.target_kl, "images_per_s": images_seen / max(time.time() - wall, 1e-9)}
-    if not stopped:
-        r.export(os.path.join(cfg.output, "student.safetensors"))
-        result = records.finish(result, _jsonable(asdict(cfg)), title=cfg.student.name)
-    return result
+    return r.finish(total_steps, time.time() - started, images, completed=True)
 
 
 def _jsonable(d):

@@ -8,9 +8,12 @@ ranks several copies share one rank's batch; an epoch keeps about N of the R*N c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from deit_pipe.data.recipe import ViewRecipe
@@ -92,13 +95,19 @@ def test_teams_take_consecutive_quotas_of_the_epoch():
 
 
 def test_group_shard_order_is_frozen_for_a_seed():
-    """The walk's shard order is numpy's legacy RandomState([seed, group, 0x5EED]) permutation, a stream numpy
-    keeps frozen: a run resumed under another numpy or deit-pipe version sees the same data order. The
-    numbers are that stream's, pinned."""
+    """The walk's shard order is numpy's legacy RandomState permutation (a stream numpy keeps frozen) seeded
+    from SeedSequence(blake2b-128 of '["walk",seed,group]'): a run resumed under another numpy or deit-pipe
+    version sees the same data order. The numbers are that stream's, pinned."""
     m = manifest(290)  # 12 shards
-    assert GroupWalk(MAKER, m, 0, 0, seed=0).shards == [1, 8, 9, 3, 4, 5, 11, 2, 7, 0, 6, 10]
-    assert GroupWalk(MAKER, m, 1, 0, seed=0).shards == [1, 11, 6, 3, 2, 0, 4, 8, 5, 10, 9, 7]
-    assert GroupWalk(MAKER, m, 0, 0, seed=7).shards == [5, 2, 4, 3, 1, 8, 7, 6, 0, 9, 11, 10]
+    for group, seed in [(0, 0), (1, 0), (0, 7)]:
+        blob = json.dumps(["walk", seed, group], separators=(",", ":")).encode()
+        entropy = int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little")
+        words = np.random.SeedSequence(entropy).generate_state(4)
+        expected = np.random.RandomState(words).permutation(12).tolist()
+        assert GroupWalk(MAKER, m, group, 0, seed=seed).shards == expected
+    assert GroupWalk(MAKER, m, 0, 0, seed=0).shards == [2, 5, 11, 3, 9, 0, 1, 4, 10, 8, 6, 7]
+    assert GroupWalk(MAKER, m, 1, 0, seed=0).shards == [9, 5, 1, 6, 7, 11, 3, 2, 0, 10, 8, 4]
+    assert GroupWalk(MAKER, m, 0, 0, seed=7).shards == [2, 10, 8, 3, 4, 9, 11, 7, 0, 5, 1, 6]
 
 
 @pytest.mark.parametrize("world,repeats", [(1, 1), (1, 3), (2, 3), (3, 3), (4, 3), (5, 3), (7, 3), (6, 2), (3, 1)])

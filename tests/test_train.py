@@ -368,7 +368,7 @@ def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
         recipe=ViewRecipe(img_size=32), engine=_RecordingEngine(student),
         lr_scheduler=SimpleNamespace(step=positions.append),
         criterion=DistillationLoss(distillation, 0.5, tau, "sum_numel"),
-        teacher_targets=lambda images, stored: TeacherTargets.from_logits(teacher_logits, tau),
+        teacher=lambda images, stored: TeacherTargets.from_logits(teacher_logits, tau),
     )
     loss = StudentRun.train_step(run, batch, None, epoch=2, step=1, steps=4)
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deit_pipe.data.mixing import MixParams, mixed_targets
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.rng import view_key
+from deit_pipe.data.rng import seed_sequence
 from deit_pipe.data.views import ViewMaker, cycle_walk, decode_rgb, view_digest
 from deit_pipe.errors import InputError
 from deit_pipe.pipeline.fashion_mnist import write_image_folder
@@ -97,7 +97,7 @@ def _assert_rng_state_equal(before, after):
 def _global_rngs_seeded_for(*parts):
     """The module's seeding rule written out: the key's first six 32-bit words seed python `random` (words
     0-1), numpy (words 2-3) and torch's CPU generator (words 4-5); the process's states come back after."""
-    words = view_key(*parts).generate_state(6)
+    words = seed_sequence(*parts).generate_state(6)
     before = _global_rng_state()
     random.seed(int(words[0]) | int(words[1]) << 32)
     np.random.seed(words[2:4])
@@ -228,13 +228,15 @@ def test_views_identical_with_loader_workers(shards, num_workers):
 # ---- what each draw is keyed by ----------------------------------------------------------------------------
 
 
-def test_view_key_is_blake2b_of_the_compact_json_of_its_parts():
-    """Every draw's key: SeedSequence(blake2b-128, little endian, of the compact JSON of its parts).
+def test_seed_sequence_is_blake2b_of_the_compact_json_of_its_parts():
+    """Every draw's key: SeedSequence(blake2b-128, little endian, of the compact JSON of its parts); numpy
+    integers (a shard index from an array) count as the Python int they hold.
 
     Teacher logits are stored against the views they saw, so this derivation must never drift.
     """
     entropy = int.from_bytes(hashlib.blake2b(b'["view",7,"train",3,2]', digest_size=16).digest(), "little")
-    assert view_key("view", 7, "train", 3, 2).entropy == entropy
+    assert seed_sequence("view", 7, "train", 3, 2).entropy == entropy
+    assert seed_sequence("view", np.int64(7), "train", np.uint32(3), 2).entropy == entropy
 
 
 def test_unmixed_view_is_timms_transform_under_its_own_key(shards):
@@ -279,7 +281,7 @@ def test_pairing_is_the_permutation_under_the_pair_key_of_a_block_of_views():
     assert RECIPE.pairing_views == 3
     for shard, n in [(0, 6), (1, 5)]:
         for v in range(6):
-            key = view_key("pair", RECIPE.seed, SPLIT, shard, v // 3)
+            key = seed_sequence("pair", RECIPE.seed, SPLIT, shard, v // 3)
             order = np.random.RandomState(key.generate_state(4)).permutation(n).tolist()
             following = {p: order[(i + 1) % n] for i, p in enumerate(order)}
             assert maker.partner_positions(shard, n, v).tolist() == [following[p] for p in range(n)], (shard, v)
