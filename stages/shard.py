@@ -1,16 +1,17 @@
 """`deit-pipe shard SRC DEST`: an ImageFolder becomes WebDataset tar shards and one manifest per split.
 
-Per split (DESIGN invariant 1): list the image files sorted by (class, relative path); scan every file
-(keep, convert or reject, with the reason) in scan units of S files; shuffle the accepted files with a
-generator seeded from (seed, split), so the sample with idx j is accepted[perm[j]]; write shard s, the
-ids [s*S, min((s+1)*S, N)), to a temporary key and commit it; once every shard is committed, rank 0
-writes the manifest.
+Per split (DESIGN invariant 1): list the image files sorted by (class, relative path) (data.image_folder);
+scan every file (keep, convert or reject, with the reason) in scan units of S files; shuffle the accepted
+files in an order seeded from (seed, split) and recorded, so the sample with idx j is accepted[order[j]];
+write shard s, the ids [s*S, min((s+1)*S, N)), to a temporary key and commit it; once every shard is
+committed, rank 0 writes the manifest.
 
-Scan units and shard commit markers live under DEST/<split>/_work/ beside a plan (the arguments and
-the source listing). Ranks take units round-robin and meet at file barriers; workers are local
-processes. What is committed is never redone, and everything is a function of the plan alone, so the
-output is byte-identical whatever the number of workers or ranks, and a killed run rerun with the same
-arguments finishes only what is missing.
+The split's work folder, DEST/<split>/_work/ (storage.work_queue), holds the plan it is bound to (the
+arguments and the source listing), the scan units' and shards' commit markers, and the recorded order. Ranks
+take units round-robin and meet at the markers; workers are local processes. What is committed is never
+redone, and everything is a function of the plan alone, so the output is byte-identical whatever the number
+of workers or ranks, and a killed run rerun with the same arguments finishes only what is missing, in the
+order it started with, whatever library it runs under now.
 """
 
 from __future__ import annotations
@@ -20,32 +21,30 @@ import json
 import math
 import multiprocessing
 import os
-import posixpath
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-import numpy as np
 from tqdm import tqdm
 
+from deit_pipe.data.image_folder import SplitSource, find_splits
 from deit_pipe.data.images import (
     DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_PIXELS,
     REJECT,
     Inspection,
     inspect_image,
-    is_image_name,
     prepare_image,
 )
+from deit_pipe.data.rng import permutation
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
-from deit_pipe.storage.location import check_writable, discard_partial, join, put_atomic, resolve, wait_for
+from deit_pipe.storage.location import check_writable, join, resolve
 from deit_pipe.storage.manifest import ShardManifest, shard_name, shard_url, split_url
 from deit_pipe.storage.shards import ShardInfo, ShardSample, safe_key, write_shard
+from deit_pipe.storage.work_queue import CommitMarkers, bind_plan, to_json
 
-SPLITS = ("train", "val")
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the sample order comes from data.rng and is recorded in the work folder
 
 
 @dataclass(frozen=True)
@@ -59,155 +58,58 @@ class ShardOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-@dataclass(frozen=True)
-class SplitSource:
-    """One split folder: its URL, the class names that give labels, and its image files."""
-
-    split: str
-    url: str
-    classes: list[str]
-    files: list[str]  # relative to the split folder, sorted by (class, relative path)
-    sizes: list[int]
-    ignored: dict[str, int]  # deliberately skipped: hidden, non_image, outside_class
-
-
 @dataclass
 class SplitReport:
     manifest: ShardManifest
     shards_written: int  # by this rank in this run; the others were committed before or by other ranks
 
 
-# ---------------------------------------------------------------------------------------------- SRC
+class SplitWork:
+    """A split's work folder: its plan, scan and shard commit markers, and the recorded sample order."""
+
+    def __init__(self, dest: str, split: str):
+        self.dest, self.split = dest, split
+        self.url = join(split_url(dest, split), "_work")
+        self.scans = CommitMarkers(join(self.url, "scan"))
+        self.shards = CommitMarkers(join(self.url, "shards"))
+
+    @staticmethod
+    def scan_name(u: int) -> str:
+        return f"{u:06d}.json"
+
+    def shard_name(self, s: int) -> str:
+        return f"{shard_name(self.split, s)}.json"
 
 
-def _subfolders(fs, path: str) -> list[str]:
-    return sorted(
-        posixpath.basename(e["name"].rstrip("/"))
-        for e in fs.ls(path, detail=True)
-        if e["type"] == "directory" and not posixpath.basename(e["name"].rstrip("/")).startswith(".")
-    )
+@dataclass(frozen=True)
+class Verdict:
+    """The scan's verdict on one source file."""
+
+    path: str  # relative to the split folder
+    inspection: Inspection
+
+    def to_json(self) -> dict:
+        return {"path": self.path, **asdict(self.inspection)}
+
+    @classmethod
+    def of_json(cls, d: dict) -> Verdict:
+        return cls(d["path"], Inspection(d["action"], d["reason"], d["ext"]))
 
 
-def _list_split(split: str, url: str, classes: list[str]) -> SplitSource:
-    fs, root = resolve(url)
-    ignored = Counter({"hidden": 0, "non_image": 0, "outside_class": 0})
-    files = []
-    for path, info in fs.find(root, withdirs=False, detail=True).items():
-        rel = path[len(root) :].lstrip("/")
-        parts = rel.split("/")
-        if any(p.startswith(".") for p in parts):
-            ignored["hidden"] += 1
-        elif len(parts) == 1:
-            ignored["outside_class"] += 1
-        elif not is_image_name(parts[-1]):
-            ignored["non_image"] += 1
-        else:
-            files.append((parts[0], rel, int(info["size"])))
-    files.sort()
-    if not files:
-        raise InputError(f"no image files in the class folders of {url}")
-    return SplitSource(split, url, classes, [f[1] for f in files], [f[2] for f in files], dict(ignored))
+@dataclass(frozen=True)
+class SplitPlan:
+    """What a split's shards hold, fixed once its files are scanned: idx -> source file."""
 
+    source: SplitSource
+    verdicts: list[Verdict]  # one per source file, in file order
+    accepted: list[int]  # indices into source.files of the files kept, in file order
+    order: list[int]  # idx -> position in `accepted` (the seeded shuffle, as recorded)
 
-def find_splits(src: str) -> list[SplitSource]:
-    """SRC's splits: train/ and/or val/ under it, or SRC itself as one split named after its folder."""
-    fs, path = resolve(src)
-    if not fs.isdir(path):
-        raise InputError(f"SRC {src} does not exist or is not a folder")
-    children = _subfolders(fs, path)
-    if any(s in children for s in SPLITS):
-        folders = {s: join(src, s) for s in SPLITS if s in children}
-    else:
-        folders = {posixpath.basename(path.rstrip("/")): src}
-    classes = {}
-    for split, url in folders.items():
-        classes[split] = _subfolders(*resolve(url))
-        if not classes[split]:
-            raise InputError(f"no class folders in {url} (expected <class>/<image> as in ImageNet)")
-    if "train" in classes and "val" in classes:
-        extra = sorted(set(classes["val"]) - set(classes["train"]))
-        if extra:
-            raise InputError(
-                f"{len(extra)} class folder(s) in val but not in train (first: {extra[0]}): labels would not match"
-            )
-    # val takes train's labels so that class index c means the same class in both splits.
-    labels = classes.get("train")
-    return [_list_split(s, url, labels or classes[s]) for s, url in folders.items()]
+    def num_shards(self, options: ShardOptions) -> int:
+        return math.ceil(len(self.accepted) / options.samples_per_shard)
 
-
-# ------------------------------------------------------------------------------------ work layout
-
-
-def _work_url(dest: str, split: str, *parts: str) -> str:
-    return join(split_url(dest, split), "_work", *parts)
-
-
-def _scan_unit_url(dest: str, split: str, u: int) -> str:
-    return _work_url(dest, split, "scan", f"{u:06d}.json")
-
-
-def _marker_url(dest: str, split: str, s: int) -> str:
-    return _work_url(dest, split, "shards", f"{shard_name(split, s)}.json")
-
-
-def _to_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _plan(source: SplitSource, options: ShardOptions) -> dict:
-    listing = hashlib.sha256(_to_json([source.files, source.sizes])).hexdigest()
-    return {
-        "version": PLAN_VERSION,
-        "split": source.split,
-        "classes": source.classes,
-        "options": asdict(options),
-        "num_files": len(source.files),
-        "files_sha256": listing,
-    }
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    diffs = [f"{k} {old['options'].get(k)} -> {v}" for k, v in new["options"].items() if old["options"].get(k) != v]
-    if old["classes"] != new["classes"]:
-        diffs.append("class folders")
-    if (old["num_files"], old["files_sha256"]) != (new["num_files"], new["files_sha256"]):
-        diffs.append(f"source files ({old['num_files']} -> {new['num_files']} files, or their names/sizes)")
-    return diffs or [f"plan format {old.get('version')} -> {new['version']}"]
-
-
-def _agree_on_plan(dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext) -> None:
-    """Bind DEST/<split> to these arguments and this SRC listing, so a rerun never mixes two runs."""
-    url = _work_url(dest, source.split, "plan.json")
-    plan = _plan(source, options)
-    fs, path = resolve(url)
-    if ctx.is_main and not fs.exists(path):
-        put_atomic(url, _to_json(plan))
-    wait_for([url], "rank 0's plan", poll=0.2)
-    old = json.loads(fs.cat_file(path))
-    if old != plan:
-        raise InputError(
-            f"{split_url(dest, source.split)} was written with other arguments or another SRC "
-            f"({'; '.join(_differences(old, plan))}): rerun with the same arguments, or use a new DEST"
-        )
-
-
-def _existing(urls: list[str]) -> set[str]:
-    """Which of `urls` (all in one folder) exist, with one listing instead of one request each."""
-    if not urls:
-        return set()
-    fs, folder = resolve(posixpath.dirname(urls[0]))
-    fs.invalidate_cache()
-    present = {posixpath.basename(p) for p in fs.find(folder)}
-    return {u for u in urls if posixpath.basename(u) in present}
-
-
-def _read_json(urls: list[str]) -> list:
-    if not urls:
-        return []
-    fs, _ = resolve(urls[0])
-    paths = [resolve(u)[1] for u in urls]
-    contents = fs.cat(paths)  # concurrent on object stores
-    return [json.loads(contents[p]) for p in paths]
+    def file_of(self, idx: int) -> int:
+        return self.accepted[self.order[idx]]
 
 
 # ----------------------------------------------------------------------------- units (in workers)
@@ -225,17 +127,17 @@ class ScanUnit:
     split_url: str
     relpaths: list[str]
     max_pixels: int
-    url: str
+    markers: CommitMarkers
+    name: str
 
 
 def scan_unit(unit: ScanUnit) -> int:
     """Inspect each file of the unit and commit the verdicts as one JSON list, in file order."""
     verdicts = [
-        {"path": rel, **asdict(inspect_image(data, rel, unit.max_pixels))}
+        Verdict(rel, inspect_image(data, rel, unit.max_pixels)).to_json()
         for rel, data in zip(unit.relpaths, _read_files(unit.split_url, unit.relpaths), strict=True)
     ]
-    discard_partial(unit.url)
-    put_atomic(unit.url, _to_json(verdicts))
+    unit.markers.commit(unit.name, to_json(verdicts))
     return len(verdicts)
 
 
@@ -252,7 +154,8 @@ class ShardUnit:
     split_url: str
     name: str
     url: str
-    marker_url: str
+    markers: CommitMarkers
+    marker: str
     entries: list[ShardEntry]  # in idx order
     max_side: int
     jpeg_quality: int
@@ -269,10 +172,8 @@ def write_shard_unit(unit: ShardUnit) -> int:
             raise InputError(
                 f"{e.relpath} changed after it was scanned ({type(exc).__name__}); rerun in a new DEST") from exc
         samples.append(ShardSample(key=safe_key(e.relpath), idx=e.idx, label=e.label, image=image, ext=ext))
-    discard_partial(unit.url)
     info = write_shard(unit.url, unit.name, samples)
-    discard_partial(unit.marker_url)
-    put_atomic(unit.marker_url, _to_json(asdict(info)))
+    unit.markers.commit(unit.marker, to_json(asdict(info)))
     return len(samples)
 
 
@@ -296,101 +197,106 @@ def _bar(desc: str, total: int) -> tqdm:
 # ------------------------------------------------------------------------------------------ split
 
 
-@dataclass(frozen=True)
-class SplitPlan:
-    """What a split's shards hold, fixed once its files are scanned: idx -> source file."""
+def _bind(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext) -> None:
+    """Bind the work folder to these arguments and this SRC listing, so a rerun never mixes two runs."""
+    plan = {
+        "version": PLAN_VERSION,
+        "split": source.split,
+        "classes": source.classes,
+        "options": asdict(options),
+        "num_files": len(source.files),
+        "files_sha256": hashlib.sha256(to_json([source.files, source.sizes])).hexdigest(),
+    }
+    old = bind_plan(join(work.url, "plan.json"), plan, ctx.is_main)
+    if old != plan:
+        raise InputError(
+            f"{split_url(work.dest, work.split)} was written with other arguments or another SRC "
+            f"({'; '.join(_differences(old, plan))}): rerun with the same arguments, or use a new DEST"
+        )
 
-    source: SplitSource
-    verdicts: list[dict]  # one per source file, in file order
-    accepted: list[int]  # indices into source.files of the files kept, in file order
-    perm: np.ndarray  # idx -> position in `accepted` (the seeded shuffle)
 
-    @classmethod
-    def of(cls, source: SplitSource, verdicts: list[dict], seed: int) -> SplitPlan:
-        accepted = [i for i, v in enumerate(verdicts) if v["action"] != REJECT]
-        return cls(source, verdicts, accepted, _permutation(seed, source.split, len(accepted)))
+def _differences(old: dict, new: dict) -> list[str]:
+    if old.get("version") != new["version"]:
+        return [f"plan format {old.get('version')} -> {new['version']}"]
+    diffs = [f"{k} {old['options'].get(k)} -> {v}" for k, v in new["options"].items() if old["options"].get(k) != v]
+    if old["classes"] != new["classes"]:
+        diffs.append("class folders")
+    if (old["num_files"], old["files_sha256"]) != (new["num_files"], new["files_sha256"]):
+        diffs.append(f"source files ({old['num_files']} -> {new['num_files']} files, or their names/sizes)")
+    return diffs
 
 
-def _scan(dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int) -> list[dict]:
+def _scan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext,
+          workers: int) -> list[Verdict]:
     size = options.samples_per_shard
-    urls = [_scan_unit_url(dest, source.split, u) for u in range(math.ceil(len(source.files) / size))]
-    committed = _existing(urls)
+    names = [work.scan_name(u) for u in range(math.ceil(len(source.files) / size))]
+    committed = work.scans.committed()
     todo = [
-        ScanUnit(source.url, source.files[u * size : (u + 1) * size], options.max_pixels, urls[u])
-        for u in ctx.my_units(list(range(len(urls))))
-        if urls[u] not in committed
+        ScanUnit(source.url, source.files[u * size : (u + 1) * size], options.max_pixels, work.scans, names[u])
+        for u in ctx.my_units(list(range(len(names))))
+        if names[u] not in committed
     ]
     with _bar(f"{source.split} scan", sum(len(u.relpaths) for u in todo)) as bar:
         _run_units(scan_unit, todo, workers, bar)
-    wait_for(urls, f"{source.split} scan units of the other ranks", poll=0.2)
-    verdicts = [v for unit in _read_json(urls) for v in unit]
-    if [v["path"] for v in verdicts] != source.files:
-        raise InputError(f"scan results under {_work_url(dest, source.split)} do not match SRC: use a new DEST")
+    work.scans.wait(names, f"{source.split} scan units of the other ranks", poll=0.2)
+    verdicts = [Verdict.of_json(v) for unit in work.scans.read(names) for v in json.loads(unit)]
+    if [v.path for v in verdicts] != source.files:
+        raise InputError(f"scan results under {work.url} do not match SRC: use a new DEST")
     return verdicts
 
 
-def _permutation(seed: int, split: str, n: int) -> np.ndarray:
-    # crc32, not hash(): the split's contribution to the seed must not change between processes.
-    return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(n)
+def _order(work: SplitWork, n: int, seed: int, ctx: RankContext) -> list[int]:
+    """The split's sample order: drawn once, by rank 0, and read back from the work folder ever after."""
+    order = bind_plan(join(work.url, "order.json"), permutation(n, "samples", seed, work.split).tolist(),
+                      ctx.is_main)
+    if sorted(order) != list(range(n)):
+        raise InputError(f"the sample order under {work.url} is not one of {n} files: use a new DEST")
+    return order
 
 
-def _markers(dest: str, planned: SplitPlan, options: ShardOptions) -> list[str]:
-    num_shards = math.ceil(len(planned.accepted) / options.samples_per_shard)
-    return [_marker_url(dest, planned.source.split, s) for s in range(num_shards)]
+def _plan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int) -> SplitPlan:
+    _bind(work, source, options, ctx)
+    verdicts = _scan(work, source, options, ctx, workers)
+    accepted = [i for i, v in enumerate(verdicts) if v.inspection.action != REJECT]
+    return SplitPlan(source, verdicts, accepted, _order(work, len(accepted), options.seed, ctx))
 
 
-def _write(dest: str, planned: SplitPlan, options: ShardOptions, ctx: RankContext, workers: int) -> int:
+def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankContext, workers: int) -> int:
     """Writes this rank's uncommitted shards; returns how many."""
-    source, size, n = planned.source, options.samples_per_shard, len(planned.accepted)
-    markers = _markers(dest, planned, options)
-    committed = _existing(markers)
+    source, size, n = plan.source, options.samples_per_shard, len(plan.accepted)
+    committed = work.shards.committed()
     labels = {c: i for i, c in enumerate(source.classes)}
     todo = []
-    for s in ctx.my_units(list(range(len(markers)))):
-        if markers[s] in committed:
+    for s in ctx.my_units(list(range(plan.num_shards(options)))):
+        if work.shard_name(s) in committed:
             continue
         entries = []
         for idx in range(s * size, min((s + 1) * size, n)):
-            i = planned.accepted[planned.perm[idx]]
-            v = planned.verdicts[i]
-            inspection = Inspection(v["action"], v["reason"], v["ext"])
-            entries.append(ShardEntry(source.files[i], idx, labels[source.files[i].split("/")[0]], inspection))
-        todo.append(
-            ShardUnit(
-                source.url, shard_name(source.split, s), shard_url(dest, source.split, s), markers[s],
-                entries, options.max_side, options.jpeg_quality,
-            )
-        )
+            verdict = plan.verdicts[plan.file_of(idx)]
+            entries.append(ShardEntry(verdict.path, idx, labels[verdict.path.split("/")[0]], verdict.inspection))
+        todo.append(ShardUnit(source.url, shard_name(source.split, s), shard_url(work.dest, source.split, s),
+                              work.shards, work.shard_name(s), entries, options.max_side, options.jpeg_quality))
     with _bar(f"{source.split} write", sum(len(u.entries) for u in todo)) as bar:
         _run_units(write_shard_unit, todo, workers, bar)
     return len(todo)
 
 
-def _plan_and_write(
-    dest: str, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int
-) -> tuple[SplitPlan, int]:
-    """The split's plan and the number of shards this rank wrote."""
-    _agree_on_plan(dest, source, options, ctx)
-    planned = SplitPlan.of(source, _scan(dest, source, options, ctx, workers), options.seed)
-    return planned, _write(dest, planned, options, ctx, workers)
-
-
-def _manifest(dest: str, planned: SplitPlan, options: ShardOptions) -> ShardManifest:
-    source, verdicts = planned.source, planned.verdicts
-    markers = _markers(dest, planned, options)
-    wait_for(markers, f"{source.split} shards of the other ranks", poll=0.5)
+def _manifest(work: SplitWork, plan: SplitPlan, options: ShardOptions) -> ShardManifest:
+    names = [work.shard_name(s) for s in range(plan.num_shards(options))]
+    work.shards.wait(names, f"{work.split} shards of the other ranks", poll=0.5)
+    kept = [v for v in plan.verdicts if v.inspection.action != REJECT]
     return ShardManifest(
-        split=source.split,
-        classes=source.classes,
-        num_samples=len(planned.accepted),
+        split=work.split,
+        classes=plan.source.classes,
+        num_samples=len(plan.accepted),
         samples_per_shard=options.samples_per_shard,
         seed=options.seed,
-        shards=[ShardInfo(**info) for info in _read_json(markers)],
-        rejected=[{"path": v["path"], "reason": v["reason"]} for v in verdicts if v["action"] == REJECT],
+        shards=[ShardInfo(**json.loads(info)) for info in work.shards.read(names)],
+        rejected=[{"path": v.path, "reason": v.inspection.reason}
+                  for v in plan.verdicts if v.inspection.action == REJECT],
         # Kept files with a reason (a PNG named .JPEG stored as .png) are listed with the conversions.
-        converted=[{"path": v["path"], "reason": v["reason"]}
-                   for v in verdicts if v["action"] != REJECT and v["reason"]],
-        ignored=source.ignored,
+        converted=[{"path": v.path, "reason": v.inspection.reason} for v in kept if v.inspection.reason],
+        ignored=plan.source.ignored,
         options={k: v for k, v in asdict(options).items() if k not in ("samples_per_shard", "seed")},
     )
 
@@ -405,10 +311,14 @@ def run(
     if "memory" in resolve(dest)[0].protocol:
         workers = 1  # a memory:// filesystem lives in one process: worker processes would write elsewhere
     # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
-    written = [_plan_and_write(dest, source, options, ctx, workers) for source in sources]
+    written = []
+    for source in sources:
+        work = SplitWork(dest, source.split)
+        plan = _plan(work, source, options, ctx, workers)
+        written.append((work, plan, _write(work, plan, options, ctx, workers)))
     reports = []
-    for plan, shards_written in written:
-        manifest = _manifest(dest, plan, options)
+    for work, plan, shards_written in written:
+        manifest = _manifest(work, plan, options)
         if ctx.is_main:
             manifest.save(dest)
         reports.append(SplitReport(manifest, shards_written))

@@ -29,8 +29,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from deit_pipe.errors import InputError
-from deit_pipe.storage.location import exists, join, put_atomic, resolve, wait_for
+from deit_pipe.storage.location import join, resolve
 from deit_pipe.storage.manifest import ShardManifest
+from deit_pipe.storage.work_queue import CommitMarkers
 
 STORE_VERSION = 2  # 2: the logit code (1 kept a flat tail)
 LAYOUT_MARKER = "layout"
@@ -92,6 +93,7 @@ class TeacherStore:
         self.url = url
         self.split = split
         self.group = group
+        self.commits = self._commits(url, split)
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class TeacherStore:
     @classmethod
     def exists(cls, url: str, split: str) -> bool:
         """Whether a complete layout is there (a layout cut short by a crash does not count)."""
-        return exists(join(cls._group_url(url, split), "_commits", LAYOUT_MARKER))
+        return cls._commits(url, split).is_committed(LAYOUT_MARKER)
 
     @classmethod
     def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict,
@@ -131,7 +133,7 @@ class TeacherStore:
         group.attrs.update({**binding, "num_views": num_views, "provenance": provenance, "code_error": code_error})
         store = cls(url, split, group)
         store._mark_layout()
-        put_atomic(store._marker(LAYOUT_MARKER), b"")
+        store.commits.commit(LAYOUT_MARKER)
         return store
 
     # -- binding ------------------------------------------------------------------------------------
@@ -188,37 +190,28 @@ class TeacherStore:
 
     # -- commit markers -----------------------------------------------------------------------------
 
-    def _marker(self, name: str) -> str:
-        return join(self._group_url(self.url, self.split), "_commits", name)
+    @classmethod
+    def _commits(cls, url: str, split: str) -> CommitMarkers:
+        return CommitMarkers(join(cls._group_url(url, split), "_commits"))
 
     def _mark_layout(self) -> None:
-        put_atomic(self._marker(f"layout-{self.num_views}"), b"")
+        self.commits.commit(f"layout-{self.num_views}")
 
     @classmethod
     def wait_layout(cls, url: str, split: str, num_views: int) -> TeacherStore:
         """The barrier for ranks other than the one that lays out or grows the store."""
-        store_marker = join(cls._group_url(url, split), "_commits", f"layout-{num_views}")
-        wait_for([store_marker], what=f"the teacher store layout ({num_views} views) at {url}")
+        cls._commits(url, split).wait([f"layout-{num_views}"], f"the teacher store layout ({num_views} views) at {url}")
         return cls.open(url, split)
 
     def unit_marker(self, shard: int, v: int) -> str:
-        return self._marker(f"{shard:06d}-{v:05d}")
+        return self.commits.marker(_unit_name(shard, v))
 
     def is_committed(self, shard: int, v: int) -> bool:
-        marker = self.unit_marker(shard, v)
-        fs, path = resolve(marker)
-        fs.invalidate_cache(path.rsplit("/", 1)[0])  # another process may have committed it since we listed
-        return fs.exists(path)
+        return self.commits.is_committed(_unit_name(shard, v))
 
     def committed_units(self) -> set[tuple[int, int]]:
-        fs, path = resolve(self._marker(""))
-        fs.invalidate_cache()
-        try:
-            names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-        except FileNotFoundError:
-            return set()
-        # Only finished markers count: not layout markers, not the temporary file of a killed write.
-        return {(int(m[1]), int(m[2])) for m in map(_UNIT_MARKER.fullmatch, names) if m}
+        # Unit markers only, not the layout markers.
+        return {(int(m[1]), int(m[2])) for m in map(_UNIT_MARKER.fullmatch, self.commits.committed()) if m}
 
     # -- units --------------------------------------------------------------------------------------
 
@@ -231,7 +224,7 @@ class TeacherStore:
         rows = self._rows(shard)
         for name in _arrays(self.attrs):
             self.group[name][rows, v] = getattr(record, name)
-        put_atomic(self.unit_marker(shard, v), b"")
+        self.commits.commit(_unit_name(shard, v))
 
     def read_unit(self, shard: int, v: int) -> ViewRecord:
         if not self.is_committed(shard, v):
@@ -246,6 +239,10 @@ class TeacherStore:
         fs, path = resolve(self._group_url(self.url, self.split))
         fs.invalidate_cache()
         return int(fs.du(path, total=True))
+
+
+def _unit_name(shard: int, v: int) -> str:
+    return f"{shard:06d}-{v:05d}"
 
 
 def _differences(stored, here, field: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from conftest import ImageFolderSpec, build_odd_image_folder
 from PIL import Image
 
 from deit_pipe.distributed.context import RankContext
+from deit_pipe.errors import InputError
 from deit_pipe.stages import shard as stage
 from deit_pipe.storage.location import join, read_bytes
 from deit_pipe.storage.manifest import ShardManifest, shard_url
@@ -127,6 +129,60 @@ def test_rerun_of_a_finished_run_writes_nothing_and_changes_nothing(odd_image_fo
     reports = shard(odd_image_folder.root, dest)
     assert all(r.shards_written == 0 for r in reports.values())
     assert tree(dest) == before
+
+
+def _sample_order(seed: int, split: str, n: int) -> list[int]:
+    """DESIGN invariant 1 written out: numpy's legacy RandomState stream seeded from SeedSequence(blake2b-128 of
+    '["samples",seed,split]'), a stream no numpy upgrade changes."""
+    blob = json.dumps(["samples", seed, split], separators=(",", ":")).encode()
+    entropy = int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little")
+    return np.random.RandomState(np.random.SeedSequence(entropy).generate_state(4)).permutation(n).tolist()
+
+
+def _paths_by_idx(dest, m: ShardManifest, spec: ImageFolderSpec) -> list[str]:
+    key_to_path = {safe_key(p): p for p in spec.accepted(m.split)}
+    samples = [x for s in range(m.num_shards) for x in read_shard(shard_url(str(dest), m.split, s))]
+    return [key_to_path[x.key] for x in sorted(samples, key=lambda x: x.idx)]
+
+
+def test_idx_j_is_the_accepted_file_at_the_seeded_order_j(odd_image_folder, local_run):
+    """The accepted files sorted by (class, path), taken in the order drawn under ("samples", seed, split);
+    the order is recorded in the work folder."""
+    dest, reports = local_run
+    for split, report in reports.items():
+        accepted = sorted(odd_image_folder.accepted(split), key=lambda p: (p.split("/")[0], p))
+        order = _sample_order(OPTIONS.seed, split, len(accepted))
+        assert _paths_by_idx(dest, report.manifest, odd_image_folder) == [accepted[j] for j in order]
+        assert json.loads((dest / split / "_work" / "order.json").read_bytes()) == order
+
+
+def test_a_resumed_run_keeps_the_recorded_order_whatever_numpy_draws_now(odd_image_folder, tmp_path, monkeypatch):
+    """A run killed after its scan, resumed where the permutation would come out differently (another numpy):
+    the shards follow the order the first run recorded, so the two parts of the split agree."""
+    dest = tmp_path / "out"
+    shard(odd_image_folder.root, dest)
+    before = tree(dest)
+    for split in ("train", "val"):  # the shards and the manifest never got written; the work folder did
+        for path in (dest / split).glob("*.tar"):
+            path.unlink()
+        for path in (dest / split / "_work" / "shards").iterdir():
+            path.unlink()
+        (dest / split / "manifest.json").unlink()
+    monkeypatch.setattr(stage, "permutation", lambda n, *parts: np.arange(n)[::-1])
+    shard(odd_image_folder.root, dest)
+    assert tree(dest) == before
+
+
+def test_a_dest_of_an_older_plan_format_is_refused(odd_image_folder, tmp_path):
+    """A DEST begun by a deit-pipe whose plan format differs (version 1 drew the order with numpy's Generator
+    and did not record it) is never finished with this one's order."""
+    dest = tmp_path / "out"
+    shard(odd_image_folder.root, dest)
+    plan_url = dest / "train" / "_work" / "plan.json"
+    plan = json.loads(plan_url.read_bytes())
+    plan_url.write_text(json.dumps({**plan, "version": 1}))
+    with pytest.raises(InputError, match=r"other arguments or another SRC \(plan format 1 -> 2\)"):
+        shard(odd_image_folder.root, dest)
 
 
 def test_pre_resize_and_pixel_limit(odd_image_folder, tmp_path):

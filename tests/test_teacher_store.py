@@ -14,7 +14,7 @@ import zarr
 from fsspec.core import url_to_fs
 
 from deit_pipe.errors import InputError
-from deit_pipe.storage import location, teacher_store
+from deit_pipe.storage import location, work_queue
 from deit_pipe.storage.location import join, put_atomic
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.shards import ShardInfo
@@ -260,7 +260,7 @@ def test_appending_no_more_views_writes_nothing(tmp_path):
 def test_other_ranks_wait_for_the_layout_marker_of_their_view_count(tmp_path, monkeypatch):
     """wait_layout returns the store once `_commits/layout-<V>` exists, and when it gives up it says what it
     waited for. (wait_for's one-day timeout is cut to 0 s here: a wrong marker fails at once.)"""
-    monkeypatch.setattr(teacher_store, "wait_for", functools.partial(location.wait_for, timeout=0.0))
+    monkeypatch.setattr(work_queue, "wait_for", functools.partial(location.wait_for, timeout=0.0))
     url = str(tmp_path / "store")
     create(url, manifest()).append_views(5)
     waited = TeacherStore.wait_layout(url, "train", 5)

@@ -1,0 +1,69 @@
+"""Work shared by ranks that share only storage: the plan a folder is bound to, and a commit marker per unit.
+
+A unit of work (a scanned batch of files, a shard, a store chunk) is done once its commit marker exists; the
+marker is written last and atomically, so a killed run leaves work without a marker, and the rerun redoes
+exactly that. The plan a work folder is bound to (the arguments and inputs everything is a function of) is
+written once, by rank 0; a rerun with another plan is refused, so two runs' outputs never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable
+
+from deit_pipe.storage.location import discard_partial, exists, join, put_atomic, resolve, wait_for
+
+
+def to_json(obj) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces): equal objects give equal bytes on every rank."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def bind_plan(url: str, plan, is_main: bool) -> object:
+    """The plan stored at `url`: rank 0 writes `plan` there if none is; every rank waits for it. The caller
+    compares it with its own (a rerun finds the first run's)."""
+    fs, path = resolve(url)
+    if is_main and not fs.exists(path):
+        put_atomic(url, to_json(plan))
+    wait_for([url], "rank 0's plan", poll=0.2)
+    return json.loads(fs.cat_file(path))
+
+
+class CommitMarkers:
+    """A folder of commit markers, one per finished unit, named by the caller."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def marker(self, name: str) -> str:
+        return join(self.url, name)
+
+    def commit(self, name: str, content: bytes = b"") -> None:
+        """Mark `name` done (only its one writer calls this)."""
+        discard_partial(self.marker(name))
+        put_atomic(self.marker(name), content)
+
+    def is_committed(self, name: str) -> bool:
+        fs, _ = resolve(self.url)
+        fs.invalidate_cache()  # another process may have committed it since the last listing
+        return exists(self.marker(name))
+
+    def committed(self) -> set[str]:
+        """The names of every finished marker, from one listing (a killed write's temporary file is not one)."""
+        fs, path = resolve(self.url)
+        fs.invalidate_cache()
+        return {n for n in (posixpath.basename(p) for p in fs.find(path, maxdepth=1)) if ".tmp-" not in n}
+
+    def wait(self, names: Iterable[str], what: str, poll: float = 1.0) -> None:
+        """The barrier between ranks: block until every named marker exists."""
+        wait_for([self.marker(n) for n in names], what, poll=poll)
+
+    def read(self, names: list[str]) -> list[bytes]:
+        """The markers' contents, fetched concurrently on object stores."""
+        if not names:
+            return []
+        fs, _ = resolve(self.url)
+        paths = [resolve(self.marker(n))[1] for n in names]
+        contents = fs.cat(paths)
+        return [contents[p] for p in paths]
