@@ -336,3 +336,39 @@ def test_cli_errors_are_one_line(tmp_path, odd_image_folder, s3_server):
         "other arguments",
     )
     assert "seed 0 -> 9" in line
+
+
+@pytest.fixture
+def two_pngs(tmp_path):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "src" / "train" / "a"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder.parent
+
+
+RESIZED = stage.ShardOptions(samples_per_shard=2, max_side=16)  # the write decodes and re-encodes every file
+
+
+def test_a_file_changed_after_its_scan_fails_the_run_with_one_line(two_pngs, tmp_path, monkeypatch):
+    scan, victim = stage._scan, two_pngs / "a" / "1.png"
+
+    def scan_then_truncate(*args):
+        verdicts = scan(*args)
+        victim.write_bytes(victim.read_bytes()[:60])
+        return verdicts
+
+    monkeypatch.setattr(stage, "_scan", scan_then_truncate)
+    with pytest.raises(InputError, match=r"^a/1\.png changed after it was scanned \(\w+\); rerun in a new DEST$"):
+        shard(two_pngs, tmp_path / "out", RESIZED)
+
+
+def test_a_write_failure_on_a_file_that_still_passes_its_scan_is_not_blamed_on_the_input(two_pngs, tmp_path,
+                                                                                          monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug in prepare_image")
+
+    monkeypatch.setattr(stage, "prepare_image", broken)
+    with pytest.raises(RuntimeError, match="a bug in prepare_image"):
+        shard(two_pngs, tmp_path / "out", RESIZED)
