@@ -112,8 +112,7 @@ class ViewDataset(Dataset):
         if self.store_url is None:
             return pieces, concat_batches(batches), None
         stored = [self._joined(p, b) for p, b in zip(pieces, batches, strict=True)]
-        targets = StoreEntry(*(torch.cat([getattr(s, f) for s in stored])
-                               for f in ("topk_logits", "topk_classes", "tail_lse", "codes")))
+        targets = StoreEntry.cat(stored)
         return pieces, concat_batches(batches), targets
 
 

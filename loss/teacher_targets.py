@@ -21,7 +21,7 @@ tail shape of the mean logit vector.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,11 @@ class StoreEntry:
                    torch.from_numpy(record.tail_lse[rows]), torch.from_numpy(record.code[rows]))
 
     def to(self, device) -> StoreEntry:
-        return StoreEntry(*(t.to(device) for t in (self.topk_logits, self.topk_classes, self.tail_lse, self.codes)))
+        return StoreEntry(*(getattr(self, f.name).to(device) for f in fields(StoreEntry)))
+
+    @classmethod
+    def cat(cls, entries: list[StoreEntry]) -> StoreEntry:
+        return cls(*(torch.cat([getattr(e, f.name) for e in entries]) for f in fields(cls)))
 
 
 def rebuilt_logits(entry: StoreEntry, code: LogitCode) -> Tensor:
