@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.rng import permutation
 from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
@@ -61,8 +62,7 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
         store.check_binding({"teacher": {"weights_sha256": sha}})
         model.to(dev)
 
-    rng = np.random.default_rng(0)
-    chosen = [committed[i] for i in sorted(rng.choice(len(committed), min(units, len(committed)), replace=False))]
+    chosen = [committed[i] for i in sorted(permutation(len(committed), "verify-store")[:units])]
     maker = ViewMaker(recipe, split)
     # The first batch of each chosen unit is enough to see drift.
     dataset = ViewDataset(shards, maker, [unit_items(maker, manifest, [u], max_views_per_unit, max_items=1)[0]
