@@ -50,30 +50,26 @@ def prepare(tmp: Path, args) -> tuple[str, str, str]:
     return str(tmp / "shards"), str(tmp / "store"), weights
 
 
-def batches(run):
-    """Training batches of epoch 0, 1, ... for as long as asked."""
+def steps(run):
+    """train_step's arguments for epoch 0's steps, then epoch 1's, ... for as long as asked."""
     epoch = 0
     while True:
+        steps_in = run.data.steps_in(epoch)
         for step, (_, batch, stored) in enumerate(run.data.loader(epoch, 0)):
-            yield epoch, step, batch, stored
+            yield batch, stored, epoch, step, steps_in
         epoch += 1
 
 
-def images_per_s(run, warmup: int, steps: int) -> float:
-    it = batches(run)
+def images_per_s(run, warmup: int, count: int) -> float:
+    it = steps(run)
     for _ in range(warmup):
-        run.train_step(*_reorder(next(it)))
+        run.train_step(*next(it))
     _sync(run.device)
     start = time.perf_counter()
-    for _ in range(steps):
-        run.train_step(*_reorder(next(it)))
+    for _ in range(count):
+        run.train_step(*next(it))
     _sync(run.device)
-    return steps * run.cfg.engine.micro_batch / (time.perf_counter() - start)
-
-
-def _reorder(item):
-    epoch, step, batch, stored = item
-    return batch, stored, epoch, step
+    return count * run.cfg.engine.micro_batch / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import random
 import threading
 from contextlib import contextmanager
@@ -31,8 +32,15 @@ _GLOBAL_RNG_LOCK = threading.RLock()
 
 def seed_sequence(*parts: str | int) -> np.random.SeedSequence:
     """A SeedSequence that depends on `parts` (str/int) only."""
-    blob = json.dumps([p if isinstance(p, str) else int(p) for p in parts], separators=(",", ":")).encode()
+    # operator.index: numpy integers count as the int they hold; a float or a bool is refused, not rounded.
+    blob = json.dumps([p if isinstance(p, str) else _integer(p) for p in parts], separators=(",", ":")).encode()
     return np.random.SeedSequence(int.from_bytes(hashlib.blake2b(blob, digest_size=16).digest(), "little"))
+
+
+def _integer(part) -> int:
+    if isinstance(part, bool):
+        raise TypeError(f"a seed part must be a str or an integer, not {part!r}")
+    return operator.index(part)
 
 
 def permutation(n: int, *parts: str | int) -> np.ndarray:

@@ -39,7 +39,7 @@ from deit_pipe.data.images import (
 from deit_pipe.data.rng import permutation
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
-from deit_pipe.storage.location import check_writable, join, resolve
+from deit_pipe.storage.location import check_writable, discard_partial, join, resolve
 from deit_pipe.storage.manifest import ShardManifest, shard_name, shard_url, split_url
 from deit_pipe.storage.shards import ShardInfo, ShardSample, safe_key, write_shard
 from deit_pipe.storage.work_queue import CommitMarkers, bind_plan, to_json
@@ -74,16 +74,16 @@ class SplitWork:
         self.shards = CommitMarkers(join(self.url, "shards"))
 
     @staticmethod
-    def scan_name(u: int) -> str:
+    def scan_marker(u: int) -> str:
         return f"{u:06d}.json"
 
-    def shard_name(self, s: int) -> str:
+    def shard_marker(self, s: int) -> str:
         return f"{shard_name(self.split, s)}.json"
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The scan's verdict on one source file."""
+    """A source file and what the scan made of it."""
 
     path: str  # relative to the split folder
     inspection: Inspection
@@ -176,6 +176,7 @@ def write_shard_unit(unit: ShardUnit) -> int:
             raise InputError(
                 f"{e.relpath} changed after it was scanned ({type(exc).__name__}); rerun in a new DEST") from exc
         samples.append(ShardSample(key=safe_key(e.relpath), idx=e.idx, label=e.label, image=image, ext=ext))
+    discard_partial(unit.url)  # a killed write's temporary file
     info = write_shard(unit.url, unit.name, samples)
     unit.markers.commit(unit.marker, to_json(asdict(info)))
     return len(samples)
@@ -233,7 +234,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _scan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext,
           workers: int) -> list[Verdict]:
     size = options.samples_per_shard
-    names = [work.scan_name(u) for u in range(math.ceil(len(source.files) / size))]
+    names = [work.scan_marker(u) for u in range(math.ceil(len(source.files) / size))]
     committed = work.scans.committed()
     todo = [
         ScanUnit(source.url, source.files[u * size : (u + 1) * size], options.max_pixels, work.scans, names[u])
@@ -272,14 +273,14 @@ def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankCon
     labels = {c: i for i, c in enumerate(source.classes)}
     todo = []
     for s in ctx.my_units(list(range(plan.num_shards(options)))):
-        if work.shard_name(s) in committed:
+        if work.shard_marker(s) in committed:
             continue
         entries = []
         for idx in range(s * size, min((s + 1) * size, n)):
             verdict = plan.verdicts[plan.file_of(idx)]
             entries.append(ShardEntry(verdict.path, idx, labels[verdict.path.split("/")[0]], verdict.inspection))
         todo.append(ShardUnit(source.url, shard_name(source.split, s), shard_url(work.dest, source.split, s),
-                              work.shards, work.shard_name(s), entries, options.max_side, options.jpeg_quality,
+                              work.shards, work.shard_marker(s), entries, options.max_side, options.jpeg_quality,
                               options.max_pixels))
     with _bar(f"{source.split} write", sum(len(u.entries) for u in todo)) as bar:
         _run_units(write_shard_unit, todo, workers, bar)
@@ -287,7 +288,7 @@ def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankCon
 
 
 def _manifest(work: SplitWork, plan: SplitPlan, options: ShardOptions) -> ShardManifest:
-    names = [work.shard_name(s) for s in range(plan.num_shards(options))]
+    names = [work.shard_marker(s) for s in range(plan.num_shards(options))]
     work.shards.wait(names, f"{work.split} shards of the other ranks", poll=0.5)
     kept = [v for v in plan.verdicts if v.inspection.action != REJECT]
     return ShardManifest(

@@ -203,9 +203,6 @@ class TeacherStore:
         cls._commits(url, split).wait([f"layout-{num_views}"], f"the teacher store layout ({num_views} views) at {url}")
         return cls.open(url, split)
 
-    def unit_marker(self, shard: int, v: int) -> str:
-        return self.commits.marker(_unit_name(shard, v))
-
     def is_committed(self, shard: int, v: int) -> bool:
         return self.commits.is_committed(_unit_name(shard, v))
 

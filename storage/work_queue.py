@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from deit_pipe.storage.location import discard_partial, exists, join, put_atomic, resolve, wait_for
 
@@ -30,11 +31,11 @@ def bind_plan(url: str, plan, is_main: bool) -> object:
     return json.loads(fs.cat_file(path))
 
 
+@dataclass(frozen=True)
 class CommitMarkers:
     """A folder of commit markers, one per finished unit, named by the caller."""
 
-    def __init__(self, url: str):
-        self.url = url
+    url: str
 
     def marker(self, name: str) -> str:
         return join(self.url, name)

@@ -173,6 +173,20 @@ def test_a_resumed_run_keeps_the_recorded_order_whatever_numpy_draws_now(odd_ima
     assert tree(dest) == before
 
 
+def test_a_rerun_removes_what_a_killed_shard_write_left(odd_image_folder, tmp_path):
+    """A write killed before its rename leaves `<shard>.tar.tmp-<uuid>` and no marker: the rerun rewrites the
+    shard and removes the leftover, ending with the tree of a clean run."""
+    dest = tmp_path / "out"
+    shard(odd_image_folder.root, dest)
+    before = tree(dest)
+    (dest / "train" / "train-000000.tar").unlink()
+    (dest / "train" / "_work" / "shards" / "train-000000.tar.json").unlink()
+    (dest / "train" / "manifest.json").unlink()
+    (dest / "train" / "train-000000.tar.tmp-deadbeef").write_bytes(b"half a shard")
+    assert shard(odd_image_folder.root, dest)["train"].shards_written == 1
+    assert tree(dest) == before
+
+
 def test_a_dest_of_an_older_plan_format_is_refused(odd_image_folder, tmp_path):
     """A DEST begun by a deit-pipe whose plan format differs (version 1 drew the order with numpy's Generator
     and did not record it) is never finished with this one's order."""

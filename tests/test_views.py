@@ -237,6 +237,9 @@ def test_seed_sequence_is_blake2b_of_the_compact_json_of_its_parts():
     entropy = int.from_bytes(hashlib.blake2b(b'["view",7,"train",3,2]', digest_size=16).digest(), "little")
     assert seed_sequence("view", 7, "train", 3, 2).entropy == entropy
     assert seed_sequence("view", np.int64(7), "train", np.uint32(3), 2).entropy == entropy
+    for loose in (7.0, True):  # would be rounded or read as 1: refused instead
+        with pytest.raises(TypeError):
+            seed_sequence("view", loose)
 
 
 def test_unmixed_view_is_timms_transform_under_its_own_key(shards):
