@@ -1,4 +1,5 @@
-"""Map-style datasets over shards: training views joined with the teacher store, and eval images.
+"""Map-style datasets over shards: training views joined with the teacher store, and eval images; and
+`TrainViews`, one rank's training loaders epoch by epoch.
 
 Map-style so the order is the plan's whatever the number of workers (and a resumed run can start at
 any item); each worker keeps the last two shards and the last few store units it read (a training batch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from deit_pipe.data.schedule import EpochPlan, rank_items
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker, decode_rgb
+from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import StoreEntry
 from deit_pipe.storage.manifest import ShardManifest, shard_url
@@ -127,7 +129,7 @@ class TrainViews:
     plans: Callable[[int], EpochPlan]  # epoch -> the whole world's plan of it
     rank: int
     seed: int
-    store: str | None  # the teacher store's URL, None without cached targets
+    store_url: str | None  # None without cached targets
     store_views: int | None
     allow_view_reuse: bool
     workers: int
@@ -139,25 +141,46 @@ class TrainViews:
         """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`."""
         plan = rank_items(self.maker, self.manifest, self.plans(epoch), self.rank, self.seed, self.store_views,
                           self.allow_view_reuse)
-        dataset = ViewDataset(self.shards, self.maker, plan, self.store)
+        dataset = ViewDataset(self.shards, self.maker, plan, self.store_url)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=self.workers,
                           prefetch_factor=4 if self.workers else None)
 
 
 class EvalDataset(Dataset):
-    """Item i: (images, labels) of one slice of a shard, through the recipe's eval transform."""
+    """Item i: (images, labels) of one slice of a shard, through the recipe's eval transform.
 
-    def __init__(self, shards_root: str, manifest: ShardManifest, shards: list[int], transform, batch: int):
+    `length` pads the dataset with repeats of the split's first slice whose labels are -1 (no class: never a
+    hit, never counted): ranks of a ZeRO-3 run must run as many forwards as each other, since every forward
+    gathers the parameters from all of them."""
+
+    def __init__(self, shards_root: str, manifest: ShardManifest, shards: list[int], transform, batch: int,
+                 length: int = 0):
         self.reader = ShardReader(shards_root, manifest.split)
         self.transform = transform
-        self.items = [(s, a, min(a + batch, len(manifest.shard_range(s))))
-                      for s in shards for a in range(0, len(manifest.shard_range(s)), batch)]
+        self.items = _slices(manifest, shards, batch)
+        self.padding = _slices(manifest, [0], batch)[0]
+        self.length = max(length, len(self.items))
+
+    @classmethod
+    def for_rank(cls, shards_root: str, manifest: ShardManifest, ctx: RankContext, transform,
+                 batch: int) -> EvalDataset:
+        """This rank's shards (round-robin), padded to the item count of the rank with the most."""
+        shards = list(range(manifest.num_shards))
+        most = max(len(_slices(manifest, shards[r :: ctx.world_size], batch)) for r in range(ctx.world_size))
+        return cls(shards_root, manifest, ctx.my_units(shards), transform, batch, most)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.length
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shard, start, end = self.items[i]
+        shard, start, end = self.items[i] if i < len(self.items) else self.padding
         samples = self.reader.samples(shard)[start:end]
         images = torch.stack([self.transform(decode_rgb(s.image)) for s in samples])
-        return images, torch.tensor([s.label for s in samples], dtype=torch.int64)
+        labels = torch.tensor([s.label if i < len(self.items) else -1 for s in samples], dtype=torch.int64)
+        return images, labels
+
+
+def _slices(manifest: ShardManifest, shards: list[int], batch: int) -> list[tuple[int, int, int]]:
+    """(shard, start, end) of each batch of each shard, in order; none crosses a shard."""
+    return [(s, a, min(a + batch, len(manifest.shard_range(s))))
+            for s in shards for a in range(0, len(manifest.shard_range(s)), batch)]

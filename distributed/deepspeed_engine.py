@@ -1,7 +1,9 @@
-"""DeepSpeed: the config a run asks for, and the engine around the student.
+"""DeepSpeed: the config a run asks for, the engine around the student, and its whole parameters (for
+evaluation and the digest ranks compare).
 
-On a machine without CUDA it uses DeepSpeed's CPU accelerator with gloo; with CUDA, nccl. The choice
-is made before deepspeed is imported, since DeepSpeed picks its accelerator at import time.
+On a machine without CUDA it uses DeepSpeed's CPU accelerator with gloo; with CUDA, nccl on each rank's GPU
+(distributed.context). The choice is made before deepspeed is imported, since DeepSpeed picks its accelerator
+at import time.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from deit_pipe.choices import Precision, check
+from deit_pipe.distributed.context import RankContext, rank_device, torch_env_from_slurm
 from deit_pipe.errors import InputError
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -63,25 +69,28 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def select_accelerator() -> torch.device:
-    """cuda:LOCAL_RANK with nccl when CUDA is here, else DeepSpeed's CPU accelerator with gloo."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+def select_accelerator(ctx: RankContext) -> torch.device:
+    """This rank's GPU with nccl when CUDA is here, else DeepSpeed's CPU accelerator with gloo."""
+    device = rank_device(None, ctx)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        return device
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return torch.device("cpu")
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return device
 
 
 def init_distributed(device: torch.device) -> None:
     import deepspeed
 
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    torch_env_from_slurm()
+    if "RANK" not in os.environ:
         # A plain single process: a world of one on a free local port (DeepSpeed would try MPI otherwise).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    # Rank 0 alone converts a checkpoint to the universal form or writes the final export while the others
+    # wait in a collective: torch's 10-minute default would end a large run there.
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=COLLECTIVE_TIMEOUT)
 
 
 def _free_port() -> int:

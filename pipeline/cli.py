@@ -113,7 +113,11 @@ def recipe_overrides(text: str | None) -> dict:
     if not isinstance(overrides, dict):
         raise InputError("--recipe must be a JSON object of view recipe fields")
     return overrides
-Device = Annotated[str, typer.Option(help="torch device for the teacher: cpu, cuda, cuda:1 ...")]
+
+
+Device = Annotated[str, typer.Option(
+    help="torch device for the teacher: cpu; cuda (each rank its local rank's GPU, or the one GPU it sees); "
+         "cuda:1 (exactly that one).")]
 
 
 @app.command("teacher-logits")

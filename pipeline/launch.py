@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from deit_pipe.errors import InputError
+
 
 def _without_flag(argv: list[str], flag: str) -> list[str]:
     out, skip = [], False
@@ -28,6 +30,9 @@ def relaunch_under_torchrun(nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    if int(os.environ.get("SLURM_NNODES", 1)) > 1 or "RANK" in os.environ:
+        raise InputError("--nproc-per-node starts the ranks of one node (torchrun --standalone); on several nodes "
+                         "or under a launcher, start the ranks with torchrun --nnodes, srun or deepspeed (README)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args([

@@ -39,6 +39,7 @@ def accuracy(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
 
     The module runs in its current mode (call module.eval() first)."""
     counts = torch.zeros(len(heads), 3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
+    # Label -1 marks padding (a rank's extra batches, run so that ranks run as many forwards): never counted.
     for images, labels in batches:
         labels = labels.to(device)
         logits = head_logits(module, images.to(device, dtype))
@@ -47,7 +48,7 @@ def accuracy(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
             hit = top5 == labels[:, None]
             counts[row, 0] += hit[:, 0].sum()
             counts[row, 1] += hit.any(dim=1).sum()
-            counts[row, 2] += len(labels)
+            counts[row, 2] += (labels >= 0).sum()
     dist.all_reduce(counts)
     result = {}
     for head, (top1, top5, images) in zip(heads, counts.tolist(), strict=True):
@@ -61,16 +62,17 @@ class Evaluation:
 
     def __init__(self, shards: str, manifest: ShardManifest, ctx: RankContext, transform, batch_size: int,
                  workers: int, distilled: bool, device: torch.device):
-        self.data = EvalDataset(shards, manifest, ctx.my_units(list(range(manifest.num_shards))), transform,
-                                batch_size)
-        self.workers, self.device = workers, device
+        self.shards, self.manifest, self.ctx = shards, manifest, ctx
+        self.transform, self.batch_size, self.workers, self.device = transform, batch_size, workers, device
         self.heads = ("avg", "cls", "dist") if distilled else ("avg",)
 
     def __call__(self, engine, zero: int) -> dict[str, float]:
+        # A dataset per evaluation: the shards it reads are not kept in memory between epochs.
+        data = EvalDataset.for_rank(self.shards, self.manifest, self.ctx, self.transform, self.batch_size)
         module = engine.module
         module.eval()
         with full_parameters(engine, zero):
-            result = accuracy(module, DataLoader(self.data, batch_size=None, num_workers=self.workers), self.heads,
+            result = accuracy(module, DataLoader(data, batch_size=None, num_workers=self.workers), self.heads,
                               self.device, input_dtype(engine))
         module.train()
         return result

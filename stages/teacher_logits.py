@@ -32,7 +32,7 @@ from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
-from deit_pipe.distributed.context import RankContext
+from deit_pipe.distributed.context import RankContext, rank_device
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
 from deit_pipe.models.registry import create_teacher
@@ -168,7 +168,7 @@ def run(
         raise InputError(f"--views must be at least 1, not {views}")
     if not 1 <= k <= num_classes:
         raise InputError(f"--topk {k} must be between 1 and the number of classes ({num_classes})")
-    dev = torch.device(device)
+    dev = rank_device(device, ctx)
     model, weights_sha = create_teacher(teacher.name, num_classes, teacher.weights, img_size=recipe.img_size)
     model.to(dev).eval()
     binding = store_binding(manifest, recipe.hash(), teacher_binding(teacher, weights_sha, recipe), num_classes, k,

@@ -158,7 +158,7 @@ class StudentRun:
         self.cfg = cfg
         self.ctx = RankContext.from_env()
         self.recipe, store = check_config(cfg, self.ctx.world_size)
-        self.device = deepspeed_engine.select_accelerator()
+        self.device = deepspeed_engine.select_accelerator(self.ctx)
         deepspeed_engine.init_distributed(self.device)
         manifest = ShardManifest.load(cfg.shards, "train")
         self.num_classes = len(manifest.classes)
@@ -260,7 +260,7 @@ def run(cfg: TrainConfig) -> dict:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
     epoch, start_step, total_steps = r.checkpoints.load(r.engine, r.resume, cfg.engine.grad_accum, r.data.steps_in)
-    started, images = time.time(), 0
+    started, images, stop = time.time(), 0, False
     while epoch < cfg.epochs:
         steps, epoch_started, losses = r.data.steps_in(epoch), time.time(), []
         with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="img", unit_scale=r.samples_per_step,
@@ -275,10 +275,13 @@ def run(cfg: TrainConfig) -> dict:
                 if stop or step + 1 == steps or (cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0):
                     r.checkpoints.save(r.engine, epoch, step + 1, total_steps)
                 if stop:
-                    return r.finish(total_steps, time.time() - started, images, completed=False)
-        r.end_epoch(epoch, total_steps, losses, time.time() - epoch_started)
-        epoch, start_step = epoch + 1, 0
-    return r.finish(total_steps, time.time() - started, images, completed=True)
+                    break
+        if start_step + len(losses) == steps:  # the epoch's end, also when --max-steps stops the run there
+            r.end_epoch(epoch, total_steps, losses, time.time() - epoch_started)
+            epoch, start_step = epoch + 1, 0
+        if stop:
+            break
+    return r.finish(total_steps, time.time() - started, images, completed=epoch == cfg.epochs)
 
 
 def _jsonable(d):

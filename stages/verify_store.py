@@ -19,6 +19,7 @@ from deit_pipe.data.rng import permutation
 from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.view_plan import unit_items
 from deit_pipe.data.views import ViewMaker
+from deit_pipe.distributed.context import RankContext, rank_device
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
 from deit_pipe.models.registry import NO_WEIGHTS, create_teacher
@@ -55,7 +56,7 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
 
     teacher = store.attrs["teacher"]
     rerun = teacher["weights_sha256"] != NO_WEIGHTS
-    dev = torch.device(device)
+    dev = rank_device(device, RankContext.from_env())
     if rerun or teacher_weights is not None:
         # Past this check the weights are the store's: a model exists exactly when the teacher is re-run.
         model, sha = create_teacher(teacher["name"], len(manifest.classes), teacher_weights, img_size=recipe.img_size)

@@ -78,3 +78,17 @@ def test_mean_over_ranks_weighs_every_value(monkeypatch):
 
     monkeypatch.setattr(dist, "all_reduce", two_ranks)
     assert metrics.mean_over_ranks([1.0, 2.0], torch.device("cpu")) == pytest.approx(12.0 / 5.0)
+
+
+def test_padding_labels_count_neither_as_images_nor_as_hits(monkeypatch):
+    """Label -1 marks an eval batch a rank runs only to keep pace with the others."""
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: None)
+    model = tiny_deit().eval()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    labels = torch.tensor([predicted[0].item(), (predicted[1].item() + 1) % 10, predicted[2].item()])
+    padded = [(images[:3], labels), (images[3:], torch.full((3,), -1))]
+    result = metrics.accuracy(model, padded, ("avg",), torch.device("cpu"))
+    assert result["avg_top1"] == pytest.approx(100 * 2 / 3)
+    assert metrics.accuracy(model, padded[1:], ("avg",), torch.device("cpu"))["avg_top1"] == 0.0

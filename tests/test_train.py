@@ -61,11 +61,12 @@ def data(fmnist_folder, tmp_path_factory) -> dict[str, str]:
             "weights": str(weights)}
 
 
-def deit_pipe(*args: str, nproc: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
+def deit_pipe(*args: str, nproc: int = 2, check: bool = True, timeout: float = 600,
+              **popen) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args] + (["--nproc-per-node", str(nproc)]
                                                                      if nproc > 1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **popen)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
@@ -202,6 +203,27 @@ def test_zero2_two_ranks_learn_and_agree(data, reference):
 
 
 @pytest.mark.slow
+def test_two_tasks_started_by_srun_end_equal_to_torchruns_two_ranks(data, reference, tmp_path):
+    """srun starts every rank itself and sets only SLURM_* variables: mapped to torch.distributed's, its two
+    tasks train exactly as torchrun's two ranks did (same parameters, same steps)."""
+    out = tmp_path / "srun"
+    launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("SLURM_")}
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "deit_pipe.pipeline.cli", "train", data["shards"], "-o", str(out), "--logits",
+             data["store"], *REFERENCE],
+            env={**base, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                 "SLURM_NNODES": "1", "SLURM_JOB_ID": str(os.getpid())},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    errors = [task.communicate(timeout=600)[1] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], [e[-3000:] for e in errors]
+    assert rank_states(out) == rank_states(reference)
+
+
+@pytest.mark.slow
 def test_zero2_bf16_on_s3(data, s3_bucket, tmp_path):
     fs = fsspec.filesystem("s3")
     bucket = s3_bucket.removeprefix("s3://")
@@ -225,6 +247,19 @@ def test_stopped_and_resumed_run_ends_equal_to_unbroken(data, reference, stopped
     assert_ranks_agree(out, 2)
     assert rank_states(out) == rank_states(reference)
     assert exported_digest(out) == exported_digest(reference)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_at_an_epochs_end_records_that_epoch_and_resumes_equal(data, reference, tmp_path):
+    """--max-steps landing on an epoch's last step: that epoch's row (loss, eval) is written before the stop,
+    and the resumed run writes the others and ends equal to the unbroken one."""
+    out = tmp_path / "epoch_end"
+    train(data, out, *REFERENCE, "--max-steps", str(metrics(reference)[0]["steps"]))
+    assert [row["epoch"] for row in metrics(out)] == [0] and not (out / "results.json").exists()
+    train(data, out, *REFERENCE, "--resume")
+    assert [row["epoch"] for row in metrics(out)] == [0, 1, 2]
+    assert rank_states(out) == rank_states(reference)
+    assert json.loads((out / "results.json").read_text())["completed"]
 
 
 @pytest.mark.slow
@@ -283,6 +318,21 @@ def test_zero3_two_ranks_with_online_teacher_eval_digest_and_export(data, tmp_pa
     assert_ranks_agree(out, 2)
     assert exported_digest(out) == rank_states(out)[0]["param_sha256"]
     assert np.isfinite(rows[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_zero3_eval_with_unequal_val_shards_per_rank_finishes(data, tmp_path):
+    """ImageNet's 50 val shards over 8 or 16 ranks give ranks unequal eval work; under ZeRO-3 every forward
+    gathers parameters from all ranks, so a rank that ran out of batches left the others waiting forever.
+    Here 3 ranks share 2 val shards (one rank has none); the eval still counts each val image once."""
+    out = tmp_path / "zero3"
+    train_args = ("train", data["shards"], "-o", str(out), "--logits", data["store"], *STUDENT, "--epochs", "1",
+                  "--zero", "3", "--precision", "fp32")
+    deit_pipe(*train_args, nproc=3, timeout=300)
+    row = metrics(out)[-1]
+    images, labels = val_images(data["shards"], 32)
+    hits = exported_hits(out / "student.safetensors", TINY_DEIT[1], TINY_OVERRIDES, images, labels)
+    assert agree_within_one_image(row, hits, len(labels)), (row, hits)
 
 
 @pytest.mark.slow

@@ -216,3 +216,24 @@ def test_eval_items_are_batch_slices_of_each_shard_with_their_source_pixels(shar
         assert all(np.array_equal(images[:, c].numpy(), gray) for c in range(3))  # gray -> RGB: equal channels
         assert labels.dtype == torch.int64
         assert labels.tolist() == [val.classes.index(f.parent.name) for f in files]
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_every_rank_gets_as_many_eval_items_the_extra_ones_masked(shards, world):
+    """ZeRO-3 gathers parameters in every forward, so ranks must run as many eval batches: a rank short of
+    items (fewer or smaller shards, or none) repeats the split's first slice with labels -1, and the real
+    items of all ranks are every slice of the split exactly once."""
+    val = ShardManifest.load(shards, "val")
+    ranks = [EvalDataset.for_rank(shards, val, RankContext(r, world), PILToTensor(), 5) for r in range(world)]
+    assert len({len(d) for d in ranks}) == 1
+    real = [item for d in ranks for item in d.items]
+    everything = [(s, a, min(a + 5, len(val.shard_range(s))))
+                  for s in range(val.num_shards) for a in range(0, len(val.shard_range(s)), 5)]
+    assert sorted(real) == everything
+    first = EvalDataset(shards, val, [0], PILToTensor(), 5)[0]
+    for d in ranks:
+        for i in range(len(d.items), len(d)):
+            images, labels = d[i]
+            assert torch.equal(images, first[0]) and labels.tolist() == [-1] * len(first[1])
+        if d.items:
+            assert (d[0][1] >= 0).all()

@@ -1,0 +1,115 @@
+"""Which device a rank takes, and srun's variables mapped to torch.distributed's (distributed.context)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deit_pipe.distributed import context
+from deit_pipe.distributed.context import RankContext, rank_device, torch_env_from_slurm
+from deit_pipe.errors import InputError
+from deit_pipe.pipeline.launch import relaunch_under_torchrun
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """A process no launcher started (whatever ran the tests)."""
+    import os
+
+    for name in [*LAUNCH_VARS, *(n for n in os.environ if n.startswith("SLURM_"))]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_a_device_with_an_index_or_cpu_is_taken_literally(env):
+    assert rank_device("cpu", RankContext(3, 4, 3, 4)) == torch.device("cpu")
+    assert rank_device("cuda:1", RankContext(3, 4, 3, 4)) == torch.device("cuda", 1)
+
+
+def test_each_local_rank_takes_its_own_gpu(env):
+    gpus(env, 4)
+    assert [rank_device("cuda", RankContext(4 + r, 8, r, 4)) for r in range(4)] == [
+        torch.device("cuda", r) for r in range(4)]
+    assert rank_device(None, RankContext(5, 8, 1, 2)) == torch.device("cuda", 1)
+
+
+def test_more_local_ranks_than_gpus_are_refused(env):
+    gpus(env, 4)
+    with pytest.raises(InputError, match=r"^8 ranks on this node but 4 GPU\(s\) visible to each: start at most 4"):
+        rank_device("cuda", RankContext(0, 8, 0, 8))
+    gpus(env, 1)
+    env.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun --nproc-per-node 2 on a node showing one GPU to both
+    with pytest.raises(InputError, match=r"^2 ranks on this node but 1 GPU\(s\)"):
+        rank_device("cuda", RankContext(1, 2, 1, 2))
+
+
+def test_srun_with_a_gpu_per_task_puts_every_rank_on_the_one_it_sees(env):
+    gpus(env, 1)
+    env.setenv("SLURM_LOCALID", "3")
+    env.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert rank_device("cuda", RankContext(3, 4, 3, 4)) == torch.device("cuda", 0)
+
+
+def test_no_silent_cpu_on_a_gpu_node_whose_cuda_does_not_load(env):
+    gpus(env, 0)
+    env.setattr(context, "_gpu_node", lambda: False)
+    assert rank_device(None, RankContext()) == torch.device("cpu")
+    with pytest.raises(InputError, match="^CUDA is not available to torch here"):
+        rank_device("cuda", RankContext())
+    env.setattr(context, "_gpu_node", lambda: True)
+    with pytest.raises(InputError, match="or run on CPU with --device cpu / CUDA_VISIBLE_DEVICES=''$"):
+        rank_device(None, RankContext())
+    assert rank_device("cpu", RankContext()) == torch.device("cpu")
+
+
+def test_a_node_is_a_gpu_node_unless_the_process_was_hidden_from_its_gpus(env, monkeypatch):
+    monkeypatch.setattr(context.os.path, "exists", lambda path: path == "/dev/nvidia0")
+    assert context._gpu_node()
+    env.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not context._gpu_node()
+    monkeypatch.setattr(context.os.path, "exists", lambda path: False)
+    env.delenv("CUDA_VISIBLE_DEVICES")
+    assert not context._gpu_node()
+
+
+def test_srun_variables_become_torchs(env):
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "4",
+             "SLURM_JOB_ID": "123456", "MASTER_ADDR": "node017"}
+    variables = dict(slurm)
+    torch_env_from_slurm(variables)
+    assert variables == {**slurm, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                         "MASTER_PORT": str(20000 + 123456 % 40000)}
+    for name, value in slurm.items():
+        env.setenv(name, value)
+    env.setenv("SLURM_NTASKS_PER_NODE", "2")
+    assert RankContext.from_env() == RankContext(5, 8, 1, 2)
+
+
+def test_srun_on_one_node_meets_on_localhost_and_on_several_needs_master_addr(env):
+    variables = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+                 "SLURM_JOB_ID": "7"}
+    torch_env_from_slurm(variables)
+    assert (variables["MASTER_ADDR"], variables["MASTER_PORT"]) == ("127.0.0.1", "20007")
+    with pytest.raises(InputError, match=r"^srun on 2 nodes: export MASTER_ADDR"):
+        torch_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"})
+    started_by_torchrun = {"RANK": "1", "SLURM_PROCID": "0", "SLURM_NNODES": "2"}
+    torch_env_from_slurm(started_by_torchrun)
+    assert started_by_torchrun == {"RANK": "1", "SLURM_PROCID": "0", "SLURM_NNODES": "2"}
+
+
+def test_nproc_per_node_refuses_several_nodes_and_a_launched_rank(env):
+    env.setenv("SLURM_NNODES", "2")
+    with pytest.raises(InputError, match=r"^--nproc-per-node starts the ranks of one node"):
+        relaunch_under_torchrun(2)
+    env.delenv("SLURM_NNODES")
+    env.setenv("RANK", "0")
+    with pytest.raises(InputError, match=r"^--nproc-per-node starts the ranks of one node"):
+        relaunch_under_torchrun(2)
