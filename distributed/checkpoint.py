@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import time
+import uuid
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +27,8 @@ import torch.distributed as dist
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
 from deit_pipe.models.export import export_safetensors
+
+_TAG = re.compile(r"global_step(\d+)(?:_universal)?")
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,35 @@ class Resume:
 class Checkpoints:
     """The checkpoints of one run folder, as one rank sees them."""
 
-    def __init__(self, output: str, ctx: RankContext, samples_per_step: int):
+    def __init__(self, output: str, ctx: RankContext, samples_per_step: int, keep: int = 2):
         self.dir = os.path.join(output, "checkpoints")
         self.ctx = ctx
         self.samples_per_step = samples_per_step
+        self.keep = keep  # the newest checkpoints kept on disk (torchtitan's keep_latest_k); 0: all
+
+    def check_shared(self, wait_s: float = 30.0) -> None:
+        """Every rank must see the one checkpoint folder (on several nodes: a shared filesystem), or the ranks
+        would take different resume branches and hang in their first collective. Rank 0 leaves a token there;
+        a rank that cannot see it (after `wait_s` for a network filesystem's caches) fails every rank alike."""
+        token = [uuid.uuid4().hex if self.ctx.is_main else None]
+        dist.broadcast_object_list(token, src=0)
+        path = os.path.join(self.dir, f".shared-{token[0]}")
+        if self.ctx.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            open(path, "w").close()
+        dist.barrier()
+        deadline = time.monotonic() + wait_s
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        views = [None] * self.ctx.world_size
+        dist.all_gather_object(views, (os.path.exists(path), socket.gethostname()))
+        if self.ctx.is_main:
+            os.remove(path)
+        blind = [(rank, host) for rank, (seen, host) in enumerate(views) if not seen]
+        if blind:
+            rank, host = blind[0]
+            raise InputError(f"--output {os.path.dirname(self.dir)} is not shared: rank {rank} on {host} does not see "
+                             f"rank 0's files there ({len(blind)} rank(s) blind); use a filesystem every node mounts")
 
     def latest(self) -> tuple[str, Position] | None:
         """(tag, position) of the checkpoint DeepSpeed's `latest` names, or None without one."""
@@ -71,8 +102,13 @@ class Checkpoints:
         if found is None:
             return None
         tag, position = found
-        universal = position.world_size != self.ctx.world_size and (zero > 0 or precision != "fp32")
-        return Resume(tag, position, universal)
+        if position.world_size == self.ctx.world_size:
+            return Resume(tag, position, universal=False)
+        if zero == 0 and precision == "bf16":
+            # Its optimizer keeps fp32 masters per rank in files DeepSpeed's universal conversion cannot read.
+            raise InputError(f"{tag} in {self.dir} was written by {position.world_size} ranks under ZeRO-0 bf16, "
+                             f"which resumes only on {position.world_size} ranks (ZeRO 1-3 resume on any number)")
+        return Resume(tag, position, universal=zero > 0)
 
     def save(self, engine, epoch: int, step: int, total_steps: int) -> None:
         tag = f"global_step{total_steps}"
@@ -83,6 +119,15 @@ class Checkpoints:
             with open(os.path.join(self.dir, tag, "position.json"), "w") as f:
                 json.dump(asdict(position), f)
         engine.save_checkpoint(self.dir, tag=tag)
+        if self.ctx.is_main and self.keep:
+            self._remove_older_than(self.keep)
+
+    def _remove_older_than(self, keep: int) -> None:
+        """Remove all but the newest `keep` checkpoints (and their universal copies); `latest` names the newest."""
+        steps = sorted({int(m[1]) for m in map(_TAG.fullmatch, os.listdir(self.dir)) if m}, reverse=True)
+        for step in steps[keep:]:
+            for tag in (f"global_step{step}", f"global_step{step}_universal"):
+                shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
     def load(self, engine, resume: Resume | None, grad_accum: int,
              steps_in: Callable[[int], int]) -> tuple[int, int, int]:

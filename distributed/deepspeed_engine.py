@@ -45,6 +45,8 @@ class EngineSpec:
             "gradient_accumulation_steps": self.grad_accum,
             "zero_optimization": {"stage": self.zero},
             "bf16": {"enabled": self.precision == "bf16"},
+            # Gradients reduced in fp32, not summed in bf16 across many ranks (DeepSpeed's default for bf16).
+            "communication_data_type": "fp32",
             "gradient_clipping": self.grad_clip,
             "steps_per_print": 1 << 30,  # our own progress bar and metrics replace DeepSpeed's prints
             "checkpoint": {"load_universal": load_universal},

@@ -268,6 +268,8 @@ def train(
     recipe: RecipeJSON = None,
     workers: Annotated[int, typer.Option(help="Loader worker processes per rank.")] = 2,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(
+        min=0, help="Keep the newest K checkpoints on disk, removing older ones (0: keep all).")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --output.")] = False,
     allow_view_reuse: Annotated[bool, typer.Option(help="Reuse stored views past the end of the store.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps in total (with a checkpoint).")] = 0,
@@ -288,8 +290,8 @@ def train(
         epochs=epochs, repeats=repeats, seed=seed, img_size=img_size, recipe_overrides=recipe_overrides(recipe),
         engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
         schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs, lr_per_step), weight_decay=weight_decay,
-        workers=workers, checkpoint_every=checkpoint_every, resume=resume, allow_view_reuse=allow_view_reuse,
-        max_steps=max_steps,
+        workers=workers, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
+        allow_view_reuse=allow_view_reuse, max_steps=max_steps,
     )
     if nproc_per_node:
         from deit_pipe.pipeline.launch import relaunch_under_torchrun

@@ -1,5 +1,6 @@
 """What a training run leaves in its folder besides checkpoints, each written so a killed run keeps what it had:
 
+- `run.json`: the run's config, written at its start (atomic; a resumed run writes its own);
 - `steps.jsonl`: rank 0's loss and learning rate at every step (its own micro batch), line-buffered;
 - `metrics.jsonl`: one row per finished epoch (mean train loss over every rank, eval top-1/top-5);
 - `ranks/rank<r>.json`: each rank's final state (steps, parameter digest), to check that ranks agree;
@@ -17,9 +18,13 @@ from deit_pipe.storage.location import put_atomic
 
 
 class RunRecords:
-    def __init__(self, output: str, ctx: RankContext):
-        self.output, self.ctx = output, ctx
+    def __init__(self, output: str, ctx: RankContext, config: dict):
+        """Opens the records; rank 0 writes the run's config (`run.json`) first, so a run that dies early still
+        says what it was."""
+        self.output, self.ctx, self.config = output, ctx, config
         os.makedirs(output, exist_ok=True)
+        if ctx.is_main:
+            put_atomic(os.path.join(output, "run.json"), json.dumps(config, indent=1).encode())
         self.metrics_path = os.path.join(output, "metrics.jsonl")
         self._steps = open(os.path.join(output, "steps.jsonl"), "a", buffering=1) if ctx.is_main else None
 
@@ -48,11 +53,11 @@ class RunRecords:
                 if int(name[len("rank"):-len(".json")]) >= self.ctx.world_size:
                     os.remove(os.path.join(ranks_dir, name))
 
-    def finish(self, result: dict, config: dict, title: str) -> dict:
+    def finish(self, result: dict, title: str) -> dict:
         """The plot, then results.json with the last epoch's row as `final` and the run's config (rank 0)."""
         if self.ctx.is_main:
             rows = read_jsonl(self.metrics_path)
-            result = {**result, "final": rows[-1] if rows else {}, "config": config}
+            result = {**result, "final": rows[-1] if rows else {}, "config": self.config}
             plot_training(self.metrics_path, os.path.join(self.output, "training.png"), title=title)
             put_atomic(os.path.join(self.output, "results.json"), json.dumps(result, indent=1).encode())
         return result

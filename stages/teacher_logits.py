@@ -135,7 +135,7 @@ def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: in
     """
     split, recipe_dict = manifest.split, recipe.to_dict()
     if TeacherStore.exists(store_url, split):
-        store = TeacherStore.open(store_url, split)
+        store = TeacherStore.open(store_url, split, writable=True)
         store.check_binding(binding, recipe_dict)
         if ctx.is_main:
             store.append_views(views)

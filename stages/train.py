@@ -84,6 +84,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     workers: int = 2
     checkpoint_every: int = 0  # steps; 0 = at epoch ends only
+    keep_checkpoints: int = 2  # the newest K kept on disk; 0 = all
     resume: bool = False
     allow_view_reuse: bool = False
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0 = run all epochs
@@ -118,6 +119,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     for flag, steps in (("--checkpoint-every", cfg.checkpoint_every), ("--max-steps", cfg.max_steps)):
         if steps % accum:
             raise InputError(f"{flag} {steps} must be a multiple of --grad-accum {accum} (whole optimizer steps)")
+    if cfg.keep_checkpoints < 0:
+        raise InputError(f"--keep-checkpoints must be 0 (all) or more, not {cfg.keep_checkpoints}")
     if cfg.teacher_online and cfg.distillation == "none":
         raise InputError("--teacher-online needs --distillation soft or hard")
     if cfg.tau != 1.0 and cfg.distillation == "hard":
@@ -172,13 +175,14 @@ class StudentRun:
                           if store and cfg.distillation == "soft" else None)
         self.criterion = DistillationLoss(cfg.distillation, cfg.alpha, cfg.tau, cfg.soft_reduction)
         self.samples_per_step = cfg.engine.micro_batch * self.ctx.world_size
-        self.checkpoints = Checkpoints(cfg.output, self.ctx, self.samples_per_step)
+        self.checkpoints = Checkpoints(cfg.output, self.ctx, self.samples_per_step, cfg.keep_checkpoints)
+        self.checkpoints.check_shared()
         self.resume = self.checkpoints.resume(cfg.engine.zero, cfg.engine.precision) if cfg.resume else None
         self.engine = self._engine()
         self.dtype = deepspeed_engine.input_dtype(self.engine)
         self.lr_scheduler = cfg.schedule.scheduler(self.engine.optimizer)
         self.evaluation = self._evaluation()
-        self.records = RunRecords(cfg.output, self.ctx)
+        self.records = RunRecords(cfg.output, self.ctx, _jsonable(asdict(cfg)))
 
     def build_student(self) -> torch.nn.Module:
         s = self.cfg.student
@@ -251,7 +255,7 @@ class StudentRun:
             return result
         self.checkpoints.export(self.engine, cfg.engine.zero, self.build_student,
                                 os.path.join(cfg.output, "student.safetensors"))
-        return self.records.finish(result, _jsonable(asdict(cfg)), title=cfg.student.name)
+        return self.records.finish(result, title=cfg.student.name)
 
 
 def run(cfg: TrainConfig) -> dict:

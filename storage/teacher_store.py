@@ -94,6 +94,7 @@ class TeacherStore:
         self.split = split
         self.group = group
         self.commits = self._commits(url, split)
+        self._opened: dict[str, zarr.Array] = {}  # each array's metadata read once per handle, not once per unit
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -102,11 +103,11 @@ class TeacherStore:
         return join(url, split)
 
     @classmethod
-    def open(cls, url: str, split: str) -> TeacherStore:
+    def open(cls, url: str, split: str, writable: bool = False) -> TeacherStore:
         group_url = cls._group_url(url, split)
         if not cls.exists(url, split):
             raise InputError(f"no teacher store for split '{split}' at {url} (run `deit-pipe teacher-logits`)")
-        return cls(url, split, zarr.open_group(group_url, mode="r+"))
+        return cls(url, split, zarr.open_group(group_url, mode="r+" if writable else "r"))
 
     @classmethod
     def exists(cls, url: str, split: str) -> bool:
@@ -183,7 +184,7 @@ class TeacherStore:
         if num_views <= self.num_views:
             return
         for name in _arrays(self.attrs):
-            arr = self.group[name]
+            arr = self._array(name)
             arr.resize((arr.shape[0], num_views, *arr.shape[2:]))
         self.group.attrs["num_views"] = num_views
         self._mark_layout()
@@ -201,7 +202,7 @@ class TeacherStore:
     def wait_layout(cls, url: str, split: str, num_views: int) -> TeacherStore:
         """The barrier for ranks other than the one that lays out or grows the store."""
         cls._commits(url, split).wait([f"layout-{num_views}"], f"the teacher store layout ({num_views} views) at {url}")
-        return cls.open(url, split)
+        return cls.open(url, split, writable=True)
 
     def is_committed(self, shard: int, v: int) -> bool:
         return self.commits.is_committed(_unit_name(shard, v))
@@ -212,6 +213,11 @@ class TeacherStore:
 
     # -- units --------------------------------------------------------------------------------------
 
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._opened:
+            self._opened[name] = self.group[name]
+        return self._opened[name]
+
     def _rows(self, shard: int) -> slice:
         spc = int(self.group.attrs["samples_per_shard"])
         return slice(shard * spc, min((shard + 1) * spc, int(self.group.attrs["num_samples"])))
@@ -220,14 +226,14 @@ class TeacherStore:
         """Write one whole chunk per array, then the commit marker (a unit without it is redone)."""
         rows = self._rows(shard)
         for name in _arrays(self.attrs):
-            self.group[name][rows, v] = getattr(record, name)
+            self._array(name)[rows, v] = getattr(record, name)
         self.commits.commit(_unit_name(shard, v))
 
     def read_unit(self, shard: int, v: int) -> ViewRecord:
         if not self.is_committed(shard, v):
             raise InputError(f"teacher store {self.url}: shard {shard} view {v} is not committed")
         rows = self._rows(shard)
-        arrays = {name: self.group[name][rows, v] for name in _arrays(self.attrs)}
+        arrays = {name: self._array(name)[rows, v] for name in _arrays(self.attrs)}
         arrays.setdefault("code", np.zeros((rows.stop - rows.start, 0), np.int8))
         return ViewRecord(**arrays)
 

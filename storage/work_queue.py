@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from deit_pipe.errors import InputError
 from deit_pipe.storage.location import discard_partial, exists, join, put_atomic, resolve, wait_for
+
+WAIT_TIMEOUT = 24 * 3600.0  # seconds a rank waits for the others' work before it gives up
 
 
 def to_json(obj) -> bytes:
@@ -27,7 +31,7 @@ def bind_plan(url: str, plan, is_main: bool) -> object:
     fs, path = resolve(url)
     if is_main and not fs.exists(path):
         put_atomic(url, to_json(plan))
-    wait_for([url], "rank 0's plan", poll=0.2)
+    wait_for([url], "rank 0's plan", timeout=WAIT_TIMEOUT, poll=0.2)
     return json.loads(fs.cat_file(path))
 
 
@@ -57,8 +61,17 @@ class CommitMarkers:
         return {n for n in (posixpath.basename(p) for p in fs.find(path, maxdepth=1)) if ".tmp-" not in n}
 
     def wait(self, names: Iterable[str], what: str, poll: float = 1.0) -> None:
-        """The barrier between ranks: block until every named marker exists."""
-        wait_for([self.marker(n) for n in names], what, poll=poll)
+        """The barrier between ranks: block until every named marker exists, with one listing per poll (not one
+        request per marker: a split of thousands of shards waits at the cost of a few)."""
+        pending, deadline = set(names), time.monotonic() + WAIT_TIMEOUT
+        while True:
+            pending -= self.committed()
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise InputError(f"timed out waiting for {what}: {len(pending)} missing, "
+                                 f"first {self.marker(min(pending))}")
+            time.sleep(poll)
 
     def read(self, names: list[str]) -> list[bytes]:
         """The markers' contents, fetched concurrently on object stores."""

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from deit_pipe.distributed.checkpoint import Checkpoints, Position, Resume
 from deit_pipe.distributed.context import RankContext
@@ -53,7 +54,6 @@ def test_save_writes_the_position_before_deepspeeds_files(tmp_path):
 @pytest.mark.parametrize("world,zero,precision,universal", [
     (2, 2, "bf16", False),  # same world: DeepSpeed's own files
     (1, 2, "fp32", True),  # another world under ZeRO: the universal form
-    (1, 0, "bf16", True),  # ZeRO-0 in bf16 keeps fp32 masters per rank
     (1, 0, "fp32", False),  # ZeRO-0 in fp32: the whole state in one file
 ])
 def test_resume_finds_the_latest_and_picks_the_universal_form_on_another_world(tmp_path, world, zero, precision,
@@ -85,3 +85,69 @@ def test_a_checkpoint_deepspeed_cannot_load_is_refused_by_name(tmp_path):
     checkpoints = Checkpoints(stopped_run(tmp_path), RankContext(0, 2), 16)
     with pytest.raises(InputError, match="cannot load checkpoint global_step13 in .*checkpoints"):
         checkpoints.load(FakeEngine(loads=False), Resume("global_step13", STOPPED, False), 1, lambda e: 12)
+
+
+def test_a_zero0_bf16_checkpoint_resumes_on_its_own_world_only(tmp_path):
+    """ZeRO-0 bf16 keeps its fp32 masters in per-rank files DeepSpeed's universal conversion cannot read."""
+    out = stopped_run(tmp_path)
+    assert Checkpoints(out, RankContext(0, 2), 16).resume(0, "bf16") == Resume("global_step13", STOPPED, False)
+    with pytest.raises(InputError, match=r"^global_step13 in .* was written by 2 ranks under ZeRO-0 bf16, which "
+                                         r"resumes only on 2 ranks \(ZeRO 1-3 resume on any number\)$"):
+        Checkpoints(out, RankContext(0, 1), 8).resume(0, "bf16")
+
+
+def test_only_the_newest_k_checkpoints_stay_with_their_universal_copies(tmp_path):
+    checkpoints = Checkpoints(str(tmp_path), RankContext(0, 1), 8, keep=2)
+    for total in (4, 8):
+        checkpoints.save(FakeEngine(), 0, total, total)
+    (tmp_path / "checkpoints" / "global_step8_universal").mkdir()  # a resume on another world size made it
+    (tmp_path / "checkpoints" / "global_step4_universal").mkdir()
+    checkpoints.save(FakeEngine(), 1, 4, 12)
+    checkpoints.save(FakeEngine(), 1, 8, 16)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["global_step12", "global_step16", "latest"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step16"
+
+
+def test_keep_0_keeps_every_checkpoint_and_other_ranks_remove_nothing(tmp_path):
+    for keep, rank, expected in ((0, 0, 3), (1, 1, 3), (1, 0, 1)):
+        out = tmp_path / f"{keep}-{rank}"
+        checkpoints = Checkpoints(str(out), RankContext(rank, 2), 8, keep=keep)
+        for total in (4, 8, 12):
+            (out / "checkpoints" / f"global_step{total}").mkdir(parents=True)  # every rank's DeepSpeed files
+            checkpoints.save(FakeEngine(), 0, total, total)
+        assert len(list((out / "checkpoints").glob("global_step*"))) == expected, (keep, rank)
+
+
+class TwoRanks:
+    """torch.distributed's calls in check_shared as two ranks would see them: the other rank's answer given."""
+
+    def __init__(self, monkeypatch, other_sees: bool, rank: int = 0):
+        self.other_sees, self.rank = other_sees, rank
+        monkeypatch.setattr(dist, "broadcast_object_list", self.broadcast)
+        monkeypatch.setattr(dist, "barrier", lambda: None)
+        monkeypatch.setattr(dist, "all_gather_object", self.all_gather)
+
+    @staticmethod
+    def broadcast(objects, src):
+        objects[0] = objects[0] or "from-rank-0"
+
+    def all_gather(self, out, mine):
+        out[self.rank], out[1 - self.rank] = mine, (self.other_sees, "node-a" if self.rank else "node-b")
+
+
+def test_a_shared_output_passes_and_leaves_no_token(tmp_path, monkeypatch):
+    TwoRanks(monkeypatch, other_sees=True)
+    Checkpoints(str(tmp_path), RankContext(0, 2), 16).check_shared(wait_s=0)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_an_output_a_rank_cannot_see_is_refused_on_every_rank(tmp_path, monkeypatch):
+    """A node-local --output on several nodes: rank 1's node has its own empty folder."""
+    TwoRanks(monkeypatch, other_sees=False)
+    with pytest.raises(InputError, match=r"^--output .* is not shared: rank 1 on node-b does not see rank 0's files"):
+        Checkpoints(str(tmp_path), RankContext(0, 2), 16).check_shared(wait_s=0)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    TwoRanks(monkeypatch, other_sees=True, rank=1)  # rank 1 itself, whose folder lacks rank 0's token
+    with pytest.raises(InputError, match=r"is not shared: rank 1 on [^ ]+ does not see"):
+        Checkpoints(str(tmp_path / "node-b"), RankContext(1, 2), 16).check_shared(wait_s=0)

@@ -67,3 +67,9 @@ def test_the_api_refuses_the_same_values_naming_the_option():
 def test_the_loss_registries_are_the_choices():
     assert list(DISTILLATION_MODES) == ["none", "soft", "hard"]
     assert list(SOFT_REDUCTIONS) == ["sum_numel", "batchmean"]
+
+
+def test_bf16_gradients_are_reduced_in_fp32():
+    """DeepSpeed's bf16 default sums gradients in bf16 across ranks; 8-16 ranks lose bits there."""
+    for precision in ("bf16", "fp32"):
+        assert EngineSpec(precision=precision).config()["communication_data_type"] == "fp32"

@@ -3,7 +3,6 @@ refusals that name the field, the same store on S3 (moto's server), and the logi
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ import zarr
 from fsspec.core import url_to_fs
 
 from deit_pipe.errors import InputError
-from deit_pipe.storage import location, work_queue
+from deit_pipe.storage import work_queue
 from deit_pipe.storage.location import join, put_atomic
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.shards import ShardInfo
@@ -131,6 +130,17 @@ def test_appending_views_rewrites_no_chunk(tmp_path):
     # The other ranks wait for the grown layout's marker (DESIGN: `_commits/layout-<views>`), not for a day.
     markers = sorted(p.name for p in (Path(url) / "train" / "_commits").iterdir())
     assert markers == ["000001-00001", "layout", "layout-2", "layout-5"]
+    # The handle that grew the store writes the new views (its arrays' shapes grew with it).
+    store.write_unit(1, 4, record(4, seed=5))
+    assert TeacherStore.open(url, "train").read_unit(1, 4).digest.tobytes() == record(4, seed=5).digest.tobytes()
+
+
+def test_a_reader_opens_the_store_read_only(tmp_path):
+    url = str(tmp_path / "store")
+    create(url, manifest())
+    with pytest.raises(ValueError, match="read-only"):
+        TeacherStore.open(url, "train").write_unit(1, 1, record(4, seed=3))
+    TeacherStore.open(url, "train", writable=True).write_unit(1, 1, record(4, seed=3))
 
 
 def test_the_logit_code_is_kept_once_and_bound(tmp_path):
@@ -260,7 +270,7 @@ def test_appending_no_more_views_writes_nothing(tmp_path):
 def test_other_ranks_wait_for_the_layout_marker_of_their_view_count(tmp_path, monkeypatch):
     """wait_layout returns the store once `_commits/layout-<V>` exists, and when it gives up it says what it
     waited for. (wait_for's one-day timeout is cut to 0 s here: a wrong marker fails at once.)"""
-    monkeypatch.setattr(work_queue, "wait_for", functools.partial(location.wait_for, timeout=0.0))
+    monkeypatch.setattr(work_queue, "WAIT_TIMEOUT", 0.0)
     url = str(tmp_path / "store")
     create(url, manifest()).append_views(5)
     waited = TeacherStore.wait_layout(url, "train", 5)

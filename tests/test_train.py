@@ -164,6 +164,14 @@ def test_conflicting_img_size_is_refused(data, tmp_path, capsys):
     assert "--img-size 64 conflicts" in err
 
 
+def test_an_epoch_smaller_than_one_optimizer_step_is_refused(data, tmp_path, capsys):
+    """200 images in 3 views: epoch 2 holds 200 elements, fewer than one step of 2 ranks x 64 x grad-accum 2."""
+    argv = ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *REFERENCE, "--batch-size", "64",
+            "--grad-accum", "2", "--nproc-per-node", "2"]
+    err = one_line_error(capsys, argv)
+    assert "holds 198 views, fewer than one optimizer step of 2 ranks x --batch-size 64 x --grad-accum 2" in err
+
+
 def test_epochs_past_the_stored_views_are_refused(data, tmp_path, capsys):
     argv = ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *STUDENT, "--epochs", "7"]
     err = one_line_error(capsys, argv)
@@ -200,6 +208,11 @@ def test_zero2_two_ranks_learn_and_agree(data, reference):
     hits = exported_hits(reference / "student.safetensors", TINY_DEIT[1], TINY_OVERRIDES, images, labels)
     assert agree_within_one_image(rows[-1], hits, len(labels)), (rows[-1], hits)
     assert (reference / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((reference / "run.json").read_text())
+    assert config == json.loads((reference / "results.json").read_text())["config"] and config["epochs"] == 3
+    # Three epoch-end checkpoints, the newest two kept.
+    assert sorted(p.name for p in (reference / "checkpoints").glob("global_step*")) == [
+        f"global_step{rows[1]['steps']}", f"global_step{rows[2]['steps']}"]
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 
@@ -54,7 +53,7 @@ def test_the_first_plan_binds_and_a_later_one_gets_it_back(root):
 
 
 def test_other_ranks_wait_for_rank_0s_plan_and_markers(tmp_path, monkeypatch):
-    monkeypatch.setattr(work_queue, "wait_for", functools.partial(location.wait_for, timeout=0.0))
+    monkeypatch.setattr(work_queue, "WAIT_TIMEOUT", 0.0)
     plan = str(tmp_path / "plan.json")
     with pytest.raises(InputError, match=re.escape(f"timed out waiting for rank 0's plan: 1 missing, first {plan}")):
         bind_plan(plan, {"seed": 1}, is_main=False)

@@ -1,0 +1,122 @@
+"""Our train loader against the loader DeiT users run, on the same ImageNet-like JPEGs, recipe, workers and cores.
+
+    python bench/loader.py                     # 600 photos at 224, 2 workers
+    python bench/loader.py --images 4000 --workers 16
+
+ours:   tar shards -> views rebuilt from the replay keys (timm's DeiT transform, then Mixup/CutMix per element)
+        -> joined with the teacher store's rows -> DataLoader (data.view_dataset.TrainViews' loader);
+theirs: torchvision ImageFolder + timm's create_transform with DeiT's arguments -> DataLoader -> timm's Mixup
+        on each batch (DeiT's main.py), no teacher targets at all.
+
+Both make one 224 px view per image of the epoch (ours: N/3 images x 3 repeats). Measured in turns for --rounds
+rounds, each the best of its turns (timeit's rule on a shared machine); prints images/s, images/s per worker
+and the ratio ours/theirs (goal >= 1.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import write_folder  # noqa: E402
+
+DEIT_PIPE = [sys.executable, "-m", "deit_pipe.pipeline.cli"]
+
+
+def prepare(tmp: Path, args) -> tuple[Path, str, str]:
+    """(the ImageFolder, its shards, a teacher store of 3 views made by a small seeded teacher)."""
+    folder = write_folder(tmp / "photos", args.images, args.classes)
+    shards, store = str(tmp / "shards"), str(tmp / "store")
+    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run([*DEIT_PIPE, "shard", str(folder), shards, "--samples-per-shard", str(args.samples_per_shard)],
+                   **quiet)
+    subprocess.run([*DEIT_PIPE, "teacher-logits", shards, store, "--teacher", "regnetx_002", "--views", "3",
+                    "--img-size", str(args.img_size), "--workers", str(args.workers), "--precision", "fp32",
+                    "--device", args.device], **quiet)
+    return folder, shards, store
+
+
+def ours(shards: str, store: str, args):
+    from deit_pipe.data.recipe import ViewRecipe
+    from deit_pipe.data.schedule import EpochPlan
+    from deit_pipe.data.view_dataset import TrainViews
+    from deit_pipe.data.views import ViewMaker
+    from deit_pipe.storage.manifest import ShardManifest
+    from deit_pipe.storage.teacher_store import TeacherStore
+
+    manifest = ShardManifest.load(shards, "train")
+    recipe = ViewRecipe.from_dict(TeacherStore.open(store, "train").attrs["provenance"]["recipe"])
+    maker = ViewMaker(recipe, "train")
+    views = TrainViews(shards, manifest, maker, lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, 1, args.batch),
+                       rank=0, seed=0, store_url=store, store_views=3, allow_view_reuse=False, workers=args.workers)
+    return lambda: ((batch.images, batch.label) for _, batch, _ in views.loader(0, 0))
+
+
+def theirs(folder: Path, args):
+    from timm.data import Mixup, create_transform
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    # DeiT's main.py: build_transform(is_train=True) and its Mixup arguments.
+    transform = create_transform(input_size=args.img_size, is_training=True, color_jitter=0.3,
+                                 auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
+                                 re_mode="pixel", re_count=1)
+    dataset = ImageFolder(str(folder / "train"), transform=transform)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                  label_smoothing=0.1, num_classes=args.classes)
+
+    def epoch():
+        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True,
+                            prefetch_factor=4 if args.workers else None)
+        for images, labels in loader:
+            yield mixup(images, labels)
+
+    return epoch
+
+
+def images_per_s(epoch) -> float:
+    start, count = time.perf_counter(), 0
+    for images, _ in epoch():
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--samples-per-shard", type=int, default=100)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the store's teacher")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        folder, shards, store = prepare(Path(tmp), args)
+        loaders = {"ours": ours(shards, store, args), "theirs": theirs(folder, args)}
+        speeds: dict[str, list[float]] = {name: [] for name in loaders}
+        for r in range(args.rounds):
+            for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+                speeds[name].append(images_per_s(loaders[name]))
+    best = {name: max(s) for name, s in speeds.items()}
+    cores = max(args.workers, 1)
+    print(f"{args.images} JPEGs 500x375 q90 -> {args.img_size} px, DeiT's recipe, batch {args.batch}, "
+          f"{args.workers} workers on {os.cpu_count()} cores; best of {args.rounds} rounds")
+    print(f"{'loader':8}{'images/s':>10}{'per worker':>12}   per round")
+    for name in loaders:
+        print(f"{name:8}{best[name]:10.1f}{best[name] / cores:12.1f}   {' '.join(f'{s:.0f}' for s in speeds[name])}")
+    print(f"ratio loader ours/theirs: {best['ours'] / best['theirs']:.3f} (goal >= 1.2); "
+          f"ours {best['ours'] / cores:.1f} images/s per worker at {args.img_size} px")
+
+
+if __name__ == "__main__":
+    main()
