@@ -71,6 +71,71 @@ def s3_server():
             fsspec.config.conf["s3"] = saved_conf
 
 
+class S3RequestCounter:
+    """A reverse proxy in front of moto's server that counts the requests passing through it, by method."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        counts, lock = Counter(), threading.Lock()
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                upstream_conn.request(self.command, self.path, body, headers=dict(self.headers))
+                reply = upstream_conn.getresponse()
+                data = reply.read()
+                with lock:
+                    counts[self.command] += 1
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", reply.getheader("Content-Length") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+            def log_message(self, *args):
+                pass
+
+        self.counts, self._lock = counts, lock
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last take."""
+        with self._lock:
+            counts = dict(self.counts)
+            self.counts.clear()
+        return counts
+
+
+@pytest.fixture
+def s3_requests(s3_server, monkeypatch):
+    """A counter of the S3 requests every process of the test makes (this one and its subprocesses)."""
+    counter = S3RequestCounter(s3_server)
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", counter.endpoint)
+    s3_config = {**fsspec.config.conf.get("s3", {}), "endpoint_url": counter.endpoint}
+    monkeypatch.setitem(fsspec.config.conf, "s3", s3_config)
+    yield counter
+    counter.server.shutdown()
+
+
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, empty bucket on the moto server: yields "s3://<name>"."""

@@ -236,6 +236,37 @@ def test_two_tasks_started_by_srun_end_equal_to_torchruns_two_ranks(data, refere
     assert rank_states(out) == rank_states(reference)
 
 
+def torchrun_nodes(*args: str, nodes: int = 2) -> None:
+    """`args` as `nodes` torchrun "nodes" of one rank each on 127.0.0.1 (c10d rendezvous), as on a cluster."""
+    port, run_id = str(20000 + os.getpid() % 20000), f"test-{time.monotonic_ns()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+             "-m", "deit_pipe.pipeline.cli", *args],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(nodes)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * nodes, [e[-3000:] for e in errors]
+
+
+@pytest.mark.slow
+def test_two_nodes_make_the_stores_bytes_and_train_as_one_node(data, reference, tmp_path):
+    """teacher-logits and train on two torchrun nodes of one rank each: the store one process made, byte for
+    byte, and the parameters of one node with two ranks."""
+    store = tmp_path / "store"
+    torchrun_nodes("teacher-logits", data["shards"], str(store), "--teacher", "regnetx_002", "--teacher-weights",
+                   data["weights"], "--views", str(VIEWS), "--img-size", "32", "--batch-size", "32", "--workers", "0",
+                   "--precision", "fp32")
+    for name in ("logits", "classes", "tail_lse", "code", "partner", "lam", "digest"):
+        got, want = (TeacherStore.open(s, "train").group[name][:] for s in (str(store), data["store"]))
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), name
+    out = tmp_path / "two-nodes"
+    torchrun_nodes("train", data["shards"], "-o", str(out), "--logits", data["store"], *REFERENCE)
+    assert rank_states(out) == rank_states(reference)
+
+
 @pytest.mark.slow
 def test_zero2_bf16_on_s3(data, s3_bucket, tmp_path):
     fs = fsspec.filesystem("s3")
