@@ -29,7 +29,7 @@ fashion-mnist dest="work-data/fashion-mnist" limit="0" val_limit="0": fashion-mn
 
 # Benchmarks of the stages (ratios measured side by side in one run).
 bench: fashion-mnist-source
-    pip install --quiet --disable-pip-version-check -e '.[bench]'
+    pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
     python bench/all.py
 
 # The main job: Fashion-MNIST -> shards -> RegNet teacher -> teacher store -> four DeiT students (results + plots).
@@ -39,5 +39,5 @@ demo out="demo-output" *args: fashion-mnist-source
 # Mutation testing (mutmut) of the modules correctness rests on, against the fast suite: score per module and
 # the surviving mutants. Not part of CI (tens of minutes). `./just mutate --again` reruns only the survivors.
 mutate *args: fashion-mnist-source
-    pip install --quiet --disable-pip-version-check -e '.[mutation]'
+    pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[mutation]'
     python tests/mutate.py {{args}}

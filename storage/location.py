@@ -19,7 +19,10 @@ from deit_pipe.errors import InputError
 
 def resolve(url: str):
     """(filesystem, path) for a URL; storage options come from the environment (never from arguments)."""
-    return url_to_fs(url)
+    try:
+        return url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # a protocol fsspec does not know, or whose package is missing
+        raise InputError(f"{url}: {exc}") from None  # fsspec says which (pip install deit-pipe[s3] / [gcs])
 
 
 def join(url: str, *parts: str) -> str:
