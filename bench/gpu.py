@@ -1,0 +1,172 @@
+"""The GPU check that bench/gpu.sh runs: one table of what runs where users run deit-pipe.
+
+1. inference images/s of DeiT-Ti/S/B and the RegNetY-16GF teacher at 224 (DeiT's Table 1 column; V100 there),
+   bf16 autocast, one batch size for all;
+2. `teacher-logits` with regnety_160 at 224 in its default precision (bf16 on a GPU), views/s of the whole stage
+   against the teacher's bare forward on as many views (goal >= 0.9), loader workers on the node's cores;
+3. `train --zero 2 --precision bf16` DeiT-S images/s with cached targets / no distillation / the online teacher
+   (bench/train.py's modes; goals cached/none >= 0.97 and cached/online >= 2.0);
+4. the train loader's images/s per worker at 224 with DeiT's recipe, and the workers one GPU needs to stay fed
+   (train's images/s without distillation over that rate).
+
+Data: ImageNet-like JPEGs (bench/photos.py), 10 classes; teachers and students have seeded random weights (speed
+depends on the architecture, not on what was learned). `--smoke` runs everything tiny on whatever device is
+here, to check the script itself before a GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loader as loader_bench  # noqa: E402
+import train as train_bench  # noqa: E402
+from photos import write_folder  # noqa: E402
+
+# DeiT's Table 1 (V100, images/s) beside ours.
+PAPER = {"deit_tiny_patch16_224": 2536, "deit_small_patch16_224": 940, "deit_base_patch16_224": 292,
+         "regnety_160": 334}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_images_per_s(model: torch.nn.Module, batch: int, img_size: int, device: torch.device, iters: int) -> float:
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    model = model.to(device).eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for _ in range(3):
+            model(images)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(images)
+        sync(device)
+    return iters * batch / (time.perf_counter() - start)
+
+
+def inference(args, device: torch.device) -> list[tuple[str, str]]:
+    from deit_pipe.models.registry import create_student, create_teacher
+
+    rows = []
+    for name in ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "regnety_160"):
+        if name.startswith("regnet"):
+            model = create_teacher(name, 1000, None, img_size=args.img_size)[0]
+        else:
+            model = create_student(name, 1000, img_size=args.img_size)
+        speed = forward_images_per_s(model, args.infer_batch, args.img_size, device, args.iters)
+        rows.append((f"inference {name}", f"{speed:.0f} images/s (paper, V100: {PAPER[name]})"))
+        del model
+    return rows
+
+
+def teacher_logits(args, device: torch.device, shards: str, store: str, weights: str) -> list[tuple[str, str]]:
+    from deit_pipe.data.recipe import ViewRecipe
+    from deit_pipe.models.registry import create_teacher
+    from deit_pipe.stages import teacher_logits as stage
+    from deit_pipe.storage.manifest import ShardManifest
+
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    views = ShardManifest.load(shards, "train").num_samples * args.views
+    start = time.perf_counter()
+    stage.run(shards, store, stage.TeacherSpec(args.teacher, weights, precision), ViewRecipe(img_size=args.img_size),
+              views=args.views, batch_size=args.batch, workers=args.workers, device=device.type)
+    staged = views / (time.perf_counter() - start)
+    model = create_teacher(args.teacher, 10, weights, img_size=args.img_size)[0]
+    bare = forward_images_per_s(model, args.batch, args.img_size, device, max(1, views // args.batch))
+    return [(f"teacher-logits {args.teacher} {precision}", f"{staged:.0f} views/s, bare forward {bare:.0f}: "
+             f"ratio {staged / bare:.3f} (goal >= 0.9)")]
+
+
+def train(args, device: torch.device, tmp: Path, shards: str, store: str, weights: str) -> tuple[list, float]:
+    from deit_pipe.distributed.deepspeed_engine import EngineSpec
+    from deit_pipe.stages.train import StudentRun, StudentSpec, TrainConfig
+
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    base = TrainConfig(shards=shards, output=str(tmp / "run"), student=StudentSpec(args.student), epochs=3,
+                       repeats=3, workers=args.workers, engine=EngineSpec(2, precision, args.batch))
+    configs = {
+        "cached": replace(base, distillation="hard", store=store),
+        "none": replace(base, distillation="none", img_size=args.img_size),
+        "online": replace(base, distillation="hard", teacher_online=args.teacher, teacher_weights=weights,
+                          img_size=args.img_size),
+    }
+    runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
+    speeds = {mode: [] for mode in runs}
+    for r in range(args.rounds):
+        for mode in list(runs)[r % 3:] + list(runs)[:r % 3]:
+            speeds[mode].append(train_bench.images_per_s(runs[mode], args.warmup, args.steps))
+    best = {mode: max(s) for mode, s in speeds.items()}
+    return [(f"train {args.student} ZeRO-2 {precision}", f"cached {best['cached']:.0f}, none {best['none']:.0f}, "
+             f"online {best['online']:.0f} images/s: cached/none {best['cached'] / best['none']:.3f} (goal >= 0.97), "
+             f"cached/online {best['cached'] / best['online']:.2f} (goal >= 2.0)")], best["none"]
+
+
+def loader(args, shards: str, store: str, train_none: float) -> list[tuple[str, str]]:
+    bench_args = argparse.Namespace(batch=args.batch, workers=args.workers)
+    speed = max(loader_bench.images_per_s(loader_bench.ours(shards, store, bench_args)) for _ in range(2))
+    per_worker = speed / max(args.workers, 1)
+    return [(f"loader at {args.img_size} px, {args.workers} workers", f"{speed:.0f} images/s, {per_worker:.0f} per "
+             f"worker: one GPU training without distillation needs {train_none / per_worker:.1f} workers")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="everything tiny, on whatever device is here")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cores = len(os.sched_getaffinity(0))
+    if args.smoke:
+        sizes = dict(img_size=64, images=24, infer_batch=2, iters=1, batch=4, views=3, workers=1, rounds=1, warmup=1,
+                     steps=2, teacher="regnetx_002", student="deit_tiny_distilled_patch16_224")
+    else:
+        sizes = dict(img_size=224, images=1500, infer_batch=256, iters=10, batch=128, views=3,
+                     workers=max(1, cores - 2), rounds=3, warmup=5, steps=20, teacher="regnety_160",
+                     student="deit_small_distilled_patch16_224")
+    args = argparse.Namespace(**vars(args), **sizes)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    rows = [("machine", f"{name}, {cores} cores, torch {torch.__version__}")]
+    t0 = time.time()
+    rows += inference(args, device)
+    print(*rows, sep="\n", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        tmp = Path(tmp)
+        from deit_pipe.distributed.context import RankContext
+        from deit_pipe.models.export import export_safetensors
+        from deit_pipe.models.registry import create_teacher
+        from deit_pipe.stages import shard as shard_stage
+
+        write_folder(tmp / "photos", args.images, 10)
+        shards, store = str(tmp / "shards"), str(tmp / "store")
+        options = shard_stage.ShardOptions(samples_per_shard=max(4, args.images // 8))
+        shard_stage.run(str(tmp / "photos"), shards, options, args.workers, RankContext())
+        torch.manual_seed(0)
+        weights = str(tmp / "teacher.safetensors")
+        export_safetensors(create_teacher(args.teacher, 10, None, img_size=args.img_size)[0], weights)
+        rows += teacher_logits(args, device, shards, store, weights)
+        print(*rows[-1:], sep="\n", flush=True)
+        train_rows, train_none = train(args, device, tmp, shards, store, weights)
+        rows += train_rows
+        print(*rows[-1:], sep="\n", flush=True)
+        rows += loader(args, shards, store, train_none)
+    rows.append(("wall time", f"{time.time() - t0:.0f} s"))
+    table = "\n".join(["| measurement | result |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
