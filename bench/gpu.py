@@ -22,7 +22,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -91,22 +90,13 @@ def teacher_logits(args, device: torch.device, shards: str, store: str, weights:
 
 def train(args, device: torch.device, tmp: Path, shards: str, store: str, weights: str) -> tuple[list, float]:
     from deit_pipe.distributed.deepspeed_engine import EngineSpec
-    from deit_pipe.stages.train import StudentRun, StudentSpec, TrainConfig
+    from deit_pipe.stages.train import StudentSpec, TrainConfig
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     base = TrainConfig(shards=shards, output=str(tmp / "run"), student=StudentSpec(args.student), epochs=3,
                        repeats=3, workers=args.workers, engine=EngineSpec(2, precision, args.batch))
-    configs = {
-        "cached": replace(base, distillation="hard", store=store),
-        "none": replace(base, distillation="none", img_size=args.img_size),
-        "online": replace(base, distillation="hard", teacher_online=args.teacher, teacher_weights=weights,
-                          img_size=args.img_size),
-    }
-    runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
-    speeds = {mode: [] for mode in runs}
-    for r in range(args.rounds):
-        for mode in list(runs)[r % 3:] + list(runs)[:r % 3]:
-            speeds[mode].append(train_bench.images_per_s(runs[mode], args.warmup, args.steps))
+    _, speeds = train_bench.measure(base, store, args.teacher, weights, args.img_size, args.rounds, args.warmup,
+                                    args.steps)
     best = {mode: max(s) for mode, s in speeds.items()}
     return [(f"train {args.student} ZeRO-2 {precision}", f"cached {best['cached']:.0f}, none {best['none']:.0f}, "
              f"online {best['online']:.0f} images/s: cached/none {best['cached'] / best['none']:.3f} (goal >= 0.97), "

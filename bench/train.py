@@ -72,6 +72,26 @@ def images_per_s(run, warmup: int, count: int) -> float:
     return count * run.cfg.engine.micro_batch / (time.perf_counter() - start)
 
 
+def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds: int, warmup: int,
+            count: int) -> tuple[dict, dict[str, list[float]]]:
+    """The three modes of `base` (a TrainConfig) measured in turns, the order rotating each round:
+    (their runs, images/s of each turn)."""
+    from deit_pipe.stages.train import StudentRun
+
+    configs = {
+        "cached": replace(base, distillation="hard", store=store),
+        "none": replace(base, distillation="none", img_size=img_size),
+        "online": replace(base, distillation="hard", teacher_online=teacher, teacher_weights=weights,
+                          img_size=img_size),
+    }
+    runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
+    speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for r in range(rounds):
+        for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+            speeds[mode].append(images_per_s(runs[mode], warmup, count))
+    return runs, speeds
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from deit_pipe.distributed.deepspeed_engine import EngineSpec
-    from deit_pipe.stages.train import StudentRun, StudentSpec, TrainConfig
+    from deit_pipe.stages.train import StudentSpec, TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
@@ -106,17 +126,8 @@ def main() -> None:
             epochs=args.repeats, repeats=args.repeats, workers=args.workers,
             engine=EngineSpec(args.zero, args.precision, args.batch_size),
         )
-        configs = {
-            "cached": replace(base, distillation="hard", store=store),
-            "none": replace(base, distillation="none", img_size=args.img_size),
-            "online": replace(base, distillation="hard", teacher_online=args.teacher, teacher_weights=weights,
-                              img_size=args.img_size),
-        }
-        runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
-        speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for r in range(args.rounds):
-            for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
-                speeds[mode].append(images_per_s(runs[mode], args.warmup, args.steps))
+        runs, speeds = measure(base, store, args.teacher, weights, args.img_size, args.rounds, args.warmup,
+                               args.steps)
 
     best = {mode: max(s) for mode, s in speeds.items()}
     print(f"student {args.model} (patch {args.patch_size or 'default'}) at {args.img_size} px, teacher {args.teacher}, "

@@ -330,7 +330,7 @@ def test_sigkilled_run_resumes_to_the_unbroken_parameters(data, reference, tmp_p
 def test_resume_on_one_rank_from_a_two_rank_checkpoint(data, stopped, tmp_path):
     """2 ranks stop mid epoch 1; 1 rank continues through DeepSpeed's universal checkpoint to the end."""
     out = Path(shutil.copytree(stopped, tmp_path / "rescaled"))
-    train(data, out, *REFERENCE, "--resume", nproc=1)
+    train(data, out, *REFERENCE, "--resume", "--keep-checkpoints", "0", nproc=1)  # keep the universal copy to see
     assert (out / "checkpoints" / "global_step13_universal").is_dir()
     assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
     (state,) = rank_states(out)
