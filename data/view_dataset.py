@@ -133,6 +133,7 @@ class TrainViews:
     store_views: int | None
     allow_view_reuse: bool
     workers: int
+    pin_memory: bool = False  # a GPU run: batches in page-locked memory, so its non_blocking copies overlap
 
     def steps_in(self, epoch: int) -> int:
         return self.plans(epoch).steps
@@ -143,7 +144,7 @@ class TrainViews:
                           self.allow_view_reuse)
         dataset = ViewDataset(self.shards, self.maker, plan, self.store_url)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=self.workers,
-                          prefetch_factor=4 if self.workers else None)
+                          prefetch_factor=4 if self.workers else None, pin_memory=self.pin_memory)
 
 
 class EvalDataset(Dataset):

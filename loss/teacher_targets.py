@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deit_pipe.errors import InputError
+from deit_pipe.models.precision import inference_precision
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
 
 _INT8_MAX = 127
@@ -192,10 +193,10 @@ class CachedTeacher:
 class OnlineTeacher:
     """Targets from a teacher run on each batch, as DeiT does (kept to compare the cached path against)."""
 
-    def __init__(self, model: torch.nn.Module, tau: float, bf16: bool):
-        self.model, self.tau, self.bf16 = model.eval(), tau, bf16
+    def __init__(self, model: torch.nn.Module, tau: float, precision: str):
+        self.model, self.tau, self.precision = model.eval(), tau, precision
 
     def __call__(self, images: Tensor, entry: StoreEntry | None) -> TeacherTargets:
-        with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.inference_mode(), inference_precision(images.device, self.precision):
             logits = self.model(images)
         return TeacherTargets.from_logits(logits.float(), self.tau)

@@ -18,7 +18,6 @@ reused by every student (bench/teacher_precision.py).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +34,7 @@ from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext, rank_device
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
+from deit_pipe.models.precision import device_kind, inference_precision
 from deit_pipe.models.registry import create_teacher
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
@@ -73,15 +73,9 @@ class CodeSpec:
                 "fit_views": fitted}
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def teacher_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
     """float32 logits on the CPU."""
-    with autocast(device, precision):
+    with inference_precision(device, precision):
         return model(images.to(device, non_blocking=True)).float().cpu()
 
 
@@ -115,19 +109,20 @@ def teacher_binding(spec: TeacherSpec, weights_sha256: str, recipe: ViewRecipe) 
     }
 
 
-def provenance(recipe: ViewRecipe) -> dict:
+def provenance(recipe: ViewRecipe, device: torch.device) -> dict:
     import timm
     import zarr
 
     return {
         "recipe": recipe.to_dict(),
+        "device": device_kind(device),
         "versions": {"deit_pipe": deit_pipe.__version__, "torch": torch.__version__,
                      "timm": timm.__version__, "zarr": zarr.__version__},
     }
 
 
 def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: int, recipe: ViewRecipe,
-               ctx: RankContext, fit) -> TeacherStore:
+               device: torch.device, ctx: RankContext, fit) -> TeacherStore:
     """Rank 0 creates (fitting the code with `fit()`) or checks and grows the store; the other ranks wait for
     its layout.
 
@@ -141,7 +136,7 @@ def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: in
             store.append_views(views)
     elif ctx.is_main:
         code, error = fit()
-        store = TeacherStore.create(store_url, split, binding, views, provenance(recipe), code.arrays(), error)
+        store = TeacherStore.create(store_url, split, binding, views, provenance(recipe, device), code.arrays(), error)
     if not ctx.is_main:
         store = TeacherStore.wait_layout(store_url, split, views)
         store.check_binding(binding, recipe_dict)
@@ -174,7 +169,7 @@ def run(
     binding = store_binding(manifest, recipe.hash(), teacher_binding(teacher, weights_sha, recipe), num_classes, k,
                             code.binding(manifest.num_samples, num_classes))
     maker = ViewMaker(recipe, split)
-    store = open_store(store_url, manifest, binding, views, recipe, ctx, lambda: fit_code(
+    store = open_store(store_url, manifest, binding, views, recipe, dev, ctx, lambda: fit_code(
         model, dev, teacher, code, k, maker, manifest, shards, batch_size, workers))
     logit_code = LogitCode.of_store(store)
 

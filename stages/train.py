@@ -168,7 +168,7 @@ class StudentRun:
         self.data = TrainViews(cfg.shards, manifest, ViewMaker(self.recipe, "train"),
                                partial(epoch_plan, cfg, manifest, self.ctx.world_size), self.ctx.rank, cfg.seed,
                                cfg.store if store else None, store.num_views if store else None,
-                               cfg.allow_view_reuse, cfg.workers)
+                               cfg.allow_view_reuse, cfg.workers, pin_memory=self.device.type == "cuda")
         self.teacher = self._teacher(store)
         # What soft targets from the store cost: the mean KL to the teacher's own distribution at our tau.
         self.target_kl = (served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
@@ -199,7 +199,7 @@ class StudentRun:
             return CachedTeacher(LogitCode.of_store(store), cfg.tau, self.device)
         model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights,
                                   img_size=self.recipe.img_size)
-        return OnlineTeacher(model.to(self.device), cfg.tau, (cfg.teacher_precision or cfg.engine.precision) == "bf16")
+        return OnlineTeacher(model.to(self.device), cfg.tau, cfg.teacher_precision or cfg.engine.precision)
 
     def _engine(self):
         cfg = self.cfg

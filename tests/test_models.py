@@ -178,3 +178,23 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     torch.save({"model": {"x": _NotAWeight()}}, path)
     with pytest.raises(InputError, match="cannot read weights"):
         read_weights(path)
+
+
+def test_an_fp32_teacher_runs_without_tf32_and_bf16_under_autocast():
+    """A GPU runs fp32 convolutions and matmuls in TF32 unless told not to: an fp32 teacher turns it off for its
+    scope (and puts the process's choice back after); bf16 is autocast."""
+    from deit_pipe.models.precision import device_kind, inference_precision
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with inference_precision(torch.device("cpu"), "fp32"):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with inference_precision(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    assert device_kind(torch.device("cpu")) == "cpu"

@@ -220,6 +220,11 @@ def test_the_teacher_scored_the_mixed_view_not_an_unmixed_one(shards, weights, r
     assert telling >= 5  # enough views where the three answers differ for the check to mean something
 
 
+def test_the_store_records_the_device_its_teacher_ran_on(reference):
+    """verify-store on a GPU against a store made on a CPU (or the other way) shows where each ran."""
+    assert TeacherStore.open(reference, "train").attrs["provenance"]["device"] == "cpu"
+
+
 def test_random_weights_store_is_checked_by_digest_only(shards, tmp_path, capsys):
     store = str(tmp_path / "store")
     teacher_logits(shards, store, None, views=1)
