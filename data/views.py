@@ -21,7 +21,7 @@ import hashlib
 import io
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from itertools import pairwise
 
 import numpy as np
@@ -54,6 +54,10 @@ class ViewBatch:
     partner_label: torch.Tensor  # [n] int64
     lam: torch.Tensor  # [n] float32, weight of the sample's own label
     digest: torch.Tensor  # [n] int64 holding the uint32 pixel digest
+
+    def pin_memory(self) -> ViewBatch:
+        """What DataLoader(pin_memory=True) calls on a batch it does not know the shape of."""
+        return ViewBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
 
 class ViewMaker:

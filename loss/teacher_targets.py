@@ -108,6 +108,10 @@ class StoreEntry:
     def to(self, device) -> StoreEntry:
         return StoreEntry(*(getattr(self, f.name).to(device) for f in fields(StoreEntry)))
 
+    def pin_memory(self) -> StoreEntry:
+        """What DataLoader(pin_memory=True) calls on a batch it does not know the shape of."""
+        return StoreEntry(*(getattr(self, f.name).pin_memory() for f in fields(StoreEntry)))
+
     @classmethod
     def cat(cls, entries: list[StoreEntry]) -> StoreEntry:
         return cls(*(torch.cat([getattr(e, f.name) for e in entries]) for f in fields(cls)))

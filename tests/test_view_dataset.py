@@ -237,3 +237,18 @@ def test_every_rank_gets_as_many_eval_items_the_extra_ones_masked(shards, world)
             assert torch.equal(images, first[0]) and labels.tolist() == [-1] * len(first[1])
         if d.items:
             assert (d[0][1] >= 0).all()
+
+
+def test_a_pinned_loader_pins_every_tensor_of_views_and_store_rows(shards, manifest, store, monkeypatch):
+    """DataLoader(pin_memory=True) pins what it knows (tensors, tuples, lists) and calls pin_memory() on the
+    rest: our batches and store rows must answer, or a GPU run's copies stay synchronous. (Pinning needs CUDA:
+    here Tensor.pin_memory marks the tensors instead.)"""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(t) or t.clone())
+    plan = [[ViewPiece(0, 0, (0, 1, 2))]]
+    item = ViewDataset(shards, MAKER, plan, store)[0]
+    pieces, batch, stored = pin_memory(item)
+    assert pieces == plan[0] and len(pinned) == 8 + 4
+    assert torch.equal(batch.images, item[1].images) and torch.equal(stored.codes, item[2].codes)
