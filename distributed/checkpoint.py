@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from deit_pipe.distributed.context import RankContext
+from deit_pipe.distributed.deepspeed_engine import quiet_stdout
 from deit_pipe.errors import InputError
 from deit_pipe.models.export import export_safetensors
 
@@ -154,9 +155,10 @@ class Checkpoints:
         if self.ctx.is_main:
             out = os.path.join(self.dir, universal_tag)
             shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
-            ds_to_universal(Namespace(input_folder=os.path.join(self.dir, tag), output_folder=out,
-                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                      strict=True, inject_missing_state=True))
+            with quiet_stdout():
+                ds_to_universal(Namespace(input_folder=os.path.join(self.dir, tag), output_folder=out,
+                                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                          strict=True, inject_missing_state=True))
         dist.barrier()
         return universal_tag
 
@@ -171,7 +173,8 @@ class Checkpoints:
             return None
         if zero == 0:
             return {k: v.float() for k, v in engine.module.state_dict().items()}
-        return get_fp32_state_dict_from_zero_checkpoint(self.dir)
+        with quiet_stdout():
+            return get_fp32_state_dict_from_zero_checkpoint(self.dir)
 
     def export(self, engine, zero: int, build: Callable[[], torch.nn.Module], path: str) -> None:
         """The final model as safetensors (fp32), written by rank 0 into a fresh `build()`."""

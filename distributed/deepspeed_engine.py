@@ -8,9 +8,13 @@ at import time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +25,10 @@ from deit_pipe.distributed.context import RankContext, rank_device, torch_env_fr
 from deit_pipe.errors import InputError
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+# DeepSpeed 0.19 still calls torch.distributed collectives that torch 2.14 deprecates, and torch warns on every
+# rank: nothing a user of deit-pipe can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,17 @@ def select_accelerator(ctx: RankContext) -> torch.device:
         torch.cuda.set_device(device)
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU op build makes torch warn "No CUDA runtime is found" on every start: not news on a CPU.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return device
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """DeepSpeed prints its op builds and checkpoint conversions to stdout on every rank: kept out of a run's
+    output, which is its progress and results (DeepSpeed's warnings and errors go through its logger)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def init_distributed(device: torch.device) -> None:
@@ -91,8 +109,9 @@ def init_distributed(device: torch.device) -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     # Rank 0 alone converts a checkpoint to the universal form or writes the final export while the others
     # wait in a collective: torch's 10-minute default would end a large run there.
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               timeout=COLLECTIVE_TIMEOUT)
+    with quiet_stdout():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=COLLECTIVE_TIMEOUT)
 
 
 def _free_port() -> int:
@@ -106,7 +125,8 @@ def _free_port() -> int:
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    with quiet_stdout():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if engine.bfloat16_enabled():
         # DeepSpeed casts parameters to bf16 but leaves buffers in fp32; batch norm then meets bf16
         # weights with fp32 running statistics and refuses (a RegNet student or teacher in bf16).

@@ -334,11 +334,19 @@ def one_line(exc: InputError) -> str:
     return last[len(prefix):] if last.startswith(prefix) else text
 
 
+def rank_prefix() -> str:
+    """"rank R: " in a process of a multi-rank run, so the line says whose it is."""
+    from deit_pipe.distributed.context import RankContext
+
+    ctx = RankContext.from_env()
+    return f"rank {ctx.rank}: " if ctx.world_size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except InputError as exc:
-        typer.echo(f"deit-pipe: error: {one_line(exc)}", err=True)
+        typer.echo(f"deit-pipe: error: {rank_prefix()}{one_line(exc)}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("deit-pipe: interrupted", err=True)

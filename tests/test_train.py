@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -380,6 +381,18 @@ def test_zero3_eval_with_unequal_val_shards_per_rank_finishes(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_prints_its_progress_and_results_and_nothing_else(data, tmp_path):
+    """No DeepSpeed op-build or checkpoint-conversion lines, no "No CUDA runtime is found" on a CPU: stdout is the
+    final row, stderr the progress bars and real warnings (timm's: one epoch leaves its cosine nothing to do)."""
+    proc = deit_pipe("train", data["shards"], "-o", str(tmp_path / "run"), "--logits", data["store"], *STUDENT,
+                     "--epochs", "1", "--zero", "2", "--precision", "fp32")
+    assert [json.loads(line)["epoch"] for line in proc.stdout.splitlines()] == [0]
+    progress = re.compile(r"\d+/\d+ \[|%\|")
+    rest = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not progress.search(line)]
+    assert all(line.startswith("Cosine annealing scheduler will have no effect") for line in rest), rest
+
+
+@pytest.mark.slow
 def test_batch_norm_student_trains_in_bf16(data, tmp_path):
     """DeepSpeed's bf16 leaves buffers in fp32; a RegNet's batch norm must still run (and learn)."""
     out = tmp_path / "regnet-bf16"
@@ -406,6 +419,7 @@ def test_replay_drift_inside_the_ranks_is_one_line_per_rank(data, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("deit-pipe: error:")]
     assert proc.returncode == 2
     assert len(errors) == 2 and all("replay drift" in line for line in errors)
+    assert {line.split(": ")[2] for line in errors} == {"rank 0", "rank 1"}  # each line says whose it is
     assert "Traceback" not in proc.stderr
 
 
