@@ -12,14 +12,23 @@ import sys
 from pathlib import Path
 
 BENCHES = {
-    "shard": ("bench/shard.py", "shard images/s vs tar -cf (copy mode)"),
-    "teacher-logits": ("bench/teacher_logits.py",
+    "shard": (["bench/shard.py"], "shard images/s vs a webdataset ShardWriter loop (goal >= 1.0) and tar -cf"),
+    "teacher-logits": (["bench/teacher_logits.py"],
                        "teacher-logits views/s vs raw teacher forward (goal >= 0.9 in the split layout)"),
-    "teacher-code": ("bench/teacher_code.py",
+    "teacher-code": (["bench/teacher_code.py"],
                      "bytes/view vs KL of the rebuilt teacher, real ImageNet teacher "
                      "(goal <= 200 B, KL <= 0.05 / 0.01)"),
-    "train": ("bench/train.py", "student images/s: cached targets vs no distillation (goal >= 0.97)"),
+    "train": (["bench/train.py"], "student images/s: cached targets vs no distillation (goal >= 0.97)"),
+    "loader": (["bench/loader.py"], "train loader images/s vs ImageFolder + timm transforms + Mixup (goal >= 1.2)"),
+    "requests": (["-m", "pytest", "-q", "-s", "-p", "no:logging", "tests/test_requests.py"],
+                 "S3 requests per stage over 4 shards, 25 and 100 samples per shard (goal: the same)"),
 }
+
+
+def summary_lines(out: str) -> list[str]:
+    """The lines of a benchmark's output that the summary table keeps."""
+    keep = ("ratio", "bytes per view", "store, ", "(default)", "requests per stage")
+    return [line.strip() for line in out.splitlines() if any(k in line for k in keep)]
 
 
 def main(argv: list[str]) -> None:
@@ -32,14 +41,12 @@ def main(argv: list[str]) -> None:
     root = Path(__file__).resolve().parent.parent
     rows = []
     for name in chosen:
-        script, what = BENCHES[name]
+        command, what = BENCHES[name]
         print(f"== {name}: {what}", flush=True)
-        out = subprocess.run([sys.executable, str(root / script)], cwd=root, check=True, text=True,
+        out = subprocess.run([sys.executable, *command], cwd=root, check=True, text=True,
                              stdout=subprocess.PIPE).stdout
         print(out, flush=True)
-        rows += [(name, line.strip()) for line in out.splitlines() if line.strip().startswith("ratio")]
-        rows += [(name, line.strip()) for line in out.splitlines() if "bytes per view" in line or "store, " in line
-                 or "(default)" in line]
+        rows += [(name, line) for line in summary_lines(out)]
     print("== summary")
     print(f"| {'stage':15} | measurement |")
     print(f"|{'-' * 17}|-------------|")

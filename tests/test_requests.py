@@ -51,6 +51,8 @@ def test_requests_per_stage_grow_with_shards_not_samples(tmp_path, s3_bucket, s3
     print(f"\nS3 requests over {SHARDS} shards, 3 views (25 and 100 samples per shard):")
     for stage in small:
         print(f"  {stage:15} {sum(small[stage].values()):5} {sum(large[stage].values()):5}  {small[stage]}")
+    print("requests per stage (25 / 100 samples per shard): " + ", ".join(
+        f"{stage} {sum(small[stage].values())} / {sum(large[stage].values())}" for stage in small))
     for stage in small:
         # The same shards holding 4x the samples: the same requests, give or take a listing.
         assert sum(large[stage].values()) <= sum(small[stage].values()) + 4, (stage, small, large)
