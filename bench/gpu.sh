@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 if [ "${1:-}" != "--smoke" ] && [ -d .whl ]; then
     site=/tmp/site
+    rm -rf "$site"  # a warm machine keeps the last run's install: pip --target would skip what is there
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
         --target "$site" .whl/deepspeed-*.tar.gz

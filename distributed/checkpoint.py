@@ -121,12 +121,13 @@ class Checkpoints:
                 json.dump(asdict(position), f)
         engine.save_checkpoint(self.dir, tag=tag)
         if self.ctx.is_main and self.keep:
-            self._remove_older_than(self.keep)
+            self._remove_older(total_steps, self.keep)
 
-    def _remove_older_than(self, keep: int) -> None:
-        """Remove all but the newest `keep` checkpoints (and their universal copies); `latest` names the newest."""
-        steps = sorted({int(m[1]) for m in map(_TAG.fullmatch, os.listdir(self.dir)) if m}, reverse=True)
-        for step in steps[keep:]:
+    def _remove_older(self, saved: int, keep: int) -> None:
+        """Keep the checkpoint just saved (which `latest` names) and the keep - 1 before it, with their universal
+        copies; remove the older ones."""
+        found = {int(m[1]) for m in map(_TAG.fullmatch, os.listdir(self.dir)) if m}
+        for step in sorted((s for s in found if s <= saved), reverse=True)[keep:]:
             for tag in (f"global_step{step}", f"global_step{step}_universal"):
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 

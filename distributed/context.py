@@ -9,11 +9,14 @@ every task its own (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per task).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
 from deit_pipe.errors import InputError
+
+_SRUN_TASKS = "SLURM_STEP_NUM_TASKS"  # set inside an srun step only (a batch script has SLURM_PROCID too)
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,16 @@ class RankContext:
 
     @classmethod
     def from_env(cls) -> RankContext:
+        """torch.distributed's variables (torchrun, DeepSpeed's launcher), else an srun step's, else one rank."""
         env = os.environ
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
-        # srun sets SLURM_NTASKS_PER_NODE only when asked for it; the local rank bounds it from below.
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", local + 1)))
+        if "RANK" in env:
+            rank, world, local = int(env["RANK"]), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+            local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", local + 1)))  # torchrun | deepspeed
+        elif _SRUN_TASKS in env:
+            rank, world, local = int(env["SLURM_PROCID"]), int(env[_SRUN_TASKS]), int(env.get("SLURM_LOCALID", 0))
+            local_world = int(re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", "1"))[0])
+        else:
+            return cls()
         if not 0 <= rank < world:
             raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
         return cls(rank, world, local, max(local_world, local + 1))
@@ -45,40 +52,41 @@ class RankContext:
 
 
 def torch_env_from_slurm(env=os.environ) -> None:
-    """Under srun without torchrun: the torch.distributed variables from SLURM's (nothing when RANK is set)."""
-    if "RANK" in env or "SLURM_PROCID" not in env:
+    """Inside an srun step without torchrun: the torch.distributed variables from SLURM's (nothing when RANK is
+    set; nothing in a batch script outside srun, where SLURM_PROCID is set but no step runs tasks)."""
+    if "RANK" in env or _SRUN_TASKS not in env:
         return
-    nodes = int(env.get("SLURM_NNODES", 1))
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", 1)))
     if nodes > 1 and "MASTER_ADDR" not in env:
         raise InputError(f"srun on {nodes} nodes: export MASTER_ADDR (the first node's address, e.g. "
                          "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)) before srun")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     # One port per job, so two jobs sharing a node do not meet.
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", 0)) % 40000))
-    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_NTASKS", "1"),
-               LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env[_SRUN_TASKS], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
 
 
 def _gpu_node() -> bool:
     """Whether this node has an NVIDIA GPU the process was not deliberately hidden from."""
-    return os.path.exists("/dev/nvidia0") and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    return os.path.exists("/dev/nvidia0") and os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1")
 
 
 def rank_device(requested: str | None, ctx: RankContext) -> torch.device:
-    """The device of this rank: `requested` as given when it names an index (cuda:1) or is cpu; for "cuda" or
+    """The device of this rank: `requested` as given unless it is "cuda" (cpu, cuda:1, mps, ...); for "cuda" or
     None (choose), the GPU of the local rank. Refuses more local ranks than GPUs, and CPU on a GPU node whose
-    CUDA does not load unless cpu was asked for."""
-    if requested is not None and (requested == "cpu" or ":" in requested):
+    CUDA does not load unless the process was hidden from its GPUs."""
+    if requested is not None and requested != "cuda":
         return torch.device(requested)
     if not torch.cuda.is_available():
         if requested == "cuda" or _gpu_node():
             raise InputError("CUDA is not available to torch here (a CPU-only torch build, or a driver that does "
-                             "not load): fix it, or run on CPU with --device cpu / CUDA_VISIBLE_DEVICES=''")
+                             "not load): fix it, or run on CPU with CUDA_VISIBLE_DEVICES='' (teacher-logits and "
+                             "verify-store: --device cpu)")
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if ctx.local_world_size <= count:
         return torch.device("cuda", ctx.local_rank)
-    if count == 1 and "SLURM_LOCALID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if count == 1 and "SLURM_GPUS_PER_TASK" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
         return torch.device("cuda", 0)  # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
     raise InputError(f"{ctx.local_world_size} ranks on this node but {count} GPU(s) visible to each: start at "
                      f"most {count} ranks per node, or give each task its own GPU (srun --gpus-per-task=1)")

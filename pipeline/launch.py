@@ -30,7 +30,8 @@ def relaunch_under_torchrun(nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if int(os.environ.get("SLURM_NNODES", 1)) > 1 or "RANK" in os.environ:
+    if int(os.environ.get("SLURM_NNODES", 1)) > 1 or "RANK" in os.environ or int(
+            os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
         raise InputError("--nproc-per-node starts the ranks of one node (torchrun --standalone); on several nodes "
                          "or under a launcher, start the ranks with torchrun --nnodes, srun or deepspeed (README)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -115,6 +115,9 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
         )
     if not is_local(cfg.output):
         raise InputError(f"--output {cfg.output} must be a local or shared-filesystem path (DeepSpeed checkpoints)")
+    if not cfg.resume and exists(os.path.join(cfg.output, "checkpoints", "latest")):
+        raise InputError(f"--output {cfg.output} holds an earlier run's checkpoints: pass --resume to continue it, "
+                         f"or use another --output")
     accum = cfg.engine.grad_accum
     for flag, steps in (("--checkpoint-every", cfg.checkpoint_every), ("--max-steps", cfg.max_steps)):
         if steps % accum:
@@ -264,8 +267,9 @@ def run(cfg: TrainConfig) -> dict:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
     epoch, start_step, total_steps = r.checkpoints.load(r.engine, r.resume, cfg.engine.grad_accum, r.data.steps_in)
-    started, images, stop = time.time(), 0, False
-    while epoch < cfg.epochs:
+    started, images = time.time(), 0
+    stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps  # a resume of a run --max-steps already stopped
+    while epoch < cfg.epochs and not stop:
         steps, epoch_started, losses = r.data.steps_in(epoch), time.time(), []
         with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="img", unit_scale=r.samples_per_step,
                   disable=not r.ctx.is_main or None) as bar:
@@ -285,7 +289,7 @@ def run(cfg: TrainConfig) -> dict:
             epoch, start_step = epoch + 1, 0
         if stop:
             break
-    return r.finish(total_steps, time.time() - started, images, completed=epoch == cfg.epochs)
+    return r.finish(total_steps, time.time() - started, images, completed=epoch >= cfg.epochs)
 
 
 def _jsonable(d):

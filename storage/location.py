@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -80,19 +80,28 @@ def check_writable(url: str) -> None:
         raise InputError(f"cannot write to {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
-def wait_for(urls: Iterable[str], what: str, timeout: float = 24 * 3600.0, poll: float = 1.0) -> None:
-    """Block until every URL exists: the barrier between ranks that share only storage."""
-    pending = list(urls)
+def wait_until(missing: Callable[[], list[str]], what: str, timeout: float, poll: float) -> None:
+    """Block until `missing()`, the URLs still awaited, is empty: the barrier between ranks that share only
+    storage. Gives up with one line after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while pending:
-        fs, _ = resolve(pending[0])
-        fs.invalidate_cache()
-        pending = [u for u in pending if not exists(u)]
-        if not pending:
-            return
+    while pending := missing():
         if time.monotonic() > deadline:
             raise InputError(f"timed out waiting for {what}: {len(pending)} missing, first {pending[0]}")
         time.sleep(poll)
+
+
+def wait_for(urls: Iterable[str], what: str, timeout: float = 24 * 3600.0, poll: float = 1.0) -> None:
+    """Block until every URL exists (one request per URL still missing, per poll)."""
+    pending = list(urls)
+
+    def missing() -> list[str]:
+        nonlocal pending
+        if pending:
+            resolve(pending[0])[0].invalidate_cache()
+        pending = [u for u in pending if not exists(u)]
+        return pending
+
+    wait_until(missing, what, timeout, poll)
 
 
 def open_url(url: str, mode: str = "rb"):

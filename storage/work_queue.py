@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import posixpath
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from deit_pipe.errors import InputError
-from deit_pipe.storage.location import discard_partial, exists, join, put_atomic, resolve, wait_for
+from deit_pipe.storage.location import discard_partial, exists, join, put_atomic, resolve, wait_for, wait_until
 
 WAIT_TIMEOUT = 24 * 3600.0  # seconds a rank waits for the others' work before it gives up
 
@@ -63,15 +61,8 @@ class CommitMarkers:
     def wait(self, names: Iterable[str], what: str, poll: float = 1.0) -> None:
         """The barrier between ranks: block until every named marker exists, with one listing per poll (not one
         request per marker: a split of thousands of shards waits at the cost of a few)."""
-        pending, deadline = set(names), time.monotonic() + WAIT_TIMEOUT
-        while True:
-            pending -= self.committed()
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise InputError(f"timed out waiting for {what}: {len(pending)} missing, "
-                                 f"first {self.marker(min(pending))}")
-            time.sleep(poll)
+        names = set(names)
+        wait_until(lambda: sorted(self.marker(n) for n in names - self.committed()), what, WAIT_TIMEOUT, poll)
 
     def read(self, names: list[str]) -> list[bytes]:
         """The markers' contents, fetched concurrently on object stores."""

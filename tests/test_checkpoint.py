@@ -151,3 +151,14 @@ def test_an_output_a_rank_cannot_see_is_refused_on_every_rank(tmp_path, monkeypa
     TwoRanks(monkeypatch, other_sees=True, rank=1)  # rank 1 itself, whose folder lacks rank 0's token
     with pytest.raises(InputError, match=r"is not shared: rank 1 on [^ ]+ does not see"):
         Checkpoints(str(tmp_path / "node-b"), RankContext(1, 2), 16).check_shared(wait_s=0)
+
+
+def test_retention_never_removes_the_checkpoint_just_saved(tmp_path):
+    """Checkpoints of higher steps (a run this folder held before) are left alone, not ranked above the new one."""
+    checkpoints = Checkpoints(str(tmp_path), RankContext(0, 1), 8, keep=2)
+    for old in (900, 1000):
+        (tmp_path / "checkpoints" / f"global_step{old}").mkdir(parents=True)
+    for total in (4, 8, 12):
+        checkpoints.save(FakeEngine(), 0, total, total)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*"))
+    assert names == ["global_step1000", "global_step12", "global_step8", "global_step900"]

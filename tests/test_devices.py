@@ -54,8 +54,15 @@ def test_more_local_ranks_than_gpus_are_refused(env):
 def test_srun_with_a_gpu_per_task_puts_every_rank_on_the_one_it_sees(env):
     gpus(env, 1)
     env.setenv("SLURM_LOCALID", "3")
+    with pytest.raises(InputError, match=r"^4 ranks on this node but 1 GPU\(s\)"):  # no per-task GPUs: one GPU
+        rank_device("cuda", RankContext(3, 4, 3, 4))
+    env.setenv("SLURM_GPUS_PER_TASK", "1")
     env.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert rank_device("cuda", RankContext(3, 4, 3, 4)) == torch.device("cuda", 0)
+
+
+def test_other_device_names_are_taken_literally(env):
+    assert rank_device("mps", RankContext()) == torch.device("mps")
 
 
 def test_no_silent_cpu_on_a_gpu_node_whose_cuda_does_not_load(env):
@@ -65,7 +72,7 @@ def test_no_silent_cpu_on_a_gpu_node_whose_cuda_does_not_load(env):
     with pytest.raises(InputError, match="^CUDA is not available to torch here"):
         rank_device("cuda", RankContext())
     env.setattr(context, "_gpu_node", lambda: True)
-    with pytest.raises(InputError, match="or run on CPU with --device cpu / CUDA_VISIBLE_DEVICES=''$"):
+    with pytest.raises(InputError, match=r"or run on CPU with CUDA_VISIBLE_DEVICES='' \(teacher-logits and"):
         rank_device(None, RankContext())
     assert rank_device("cpu", RankContext()) == torch.device("cpu")
 
@@ -73,15 +80,16 @@ def test_no_silent_cpu_on_a_gpu_node_whose_cuda_does_not_load(env):
 def test_a_node_is_a_gpu_node_unless_the_process_was_hidden_from_its_gpus(env, monkeypatch):
     monkeypatch.setattr(context.os.path, "exists", lambda path: path == "/dev/nvidia0")
     assert context._gpu_node()
-    env.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert not context._gpu_node()
+    for hidden in ("", "-1"):
+        env.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not context._gpu_node()
     monkeypatch.setattr(context.os.path, "exists", lambda path: False)
     env.delenv("CUDA_VISIBLE_DEVICES")
     assert not context._gpu_node()
 
 
 def test_srun_variables_become_torchs(env):
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "4",
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "4",
              "SLURM_JOB_ID": "123456", "MASTER_ADDR": "node017"}
     variables = dict(slurm)
     torch_env_from_slurm(variables)
@@ -89,20 +97,38 @@ def test_srun_variables_become_torchs(env):
                          "MASTER_PORT": str(20000 + 123456 % 40000)}
     for name, value in slurm.items():
         env.setenv(name, value)
-    env.setenv("SLURM_NTASKS_PER_NODE", "2")
+    env.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x4)")
     assert RankContext.from_env() == RankContext(5, 8, 1, 2)
 
 
 def test_srun_on_one_node_meets_on_localhost_and_on_several_needs_master_addr(env):
-    variables = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+    variables = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "1",
                  "SLURM_JOB_ID": "7"}
     torch_env_from_slurm(variables)
     assert (variables["MASTER_ADDR"], variables["MASTER_PORT"]) == ("127.0.0.1", "20007")
     with pytest.raises(InputError, match=r"^srun on 2 nodes: export MASTER_ADDR"):
-        torch_env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"})
-    started_by_torchrun = {"RANK": "1", "SLURM_PROCID": "0", "SLURM_NNODES": "2"}
+        torch_env_from_slurm({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2"})
+    started_by_torchrun = {"RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
     torch_env_from_slurm(started_by_torchrun)
-    assert started_by_torchrun == {"RANK": "1", "SLURM_PROCID": "0", "SLURM_NNODES": "2"}
+    assert started_by_torchrun == {"RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+
+
+def test_a_batch_script_outside_srun_is_one_rank(env):
+    """sbatch sets SLURM_PROCID=0 and the allocation's SLURM_NTASKS in the script itself: a plain deit-pipe
+    there is one process, not rank 0 of 16 waiting for the others."""
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_JOB_ID": "9"}
+    variables = dict(batch)
+    torch_env_from_slurm(variables)
+    assert variables == batch
+    for name, value in batch.items():
+        env.setenv(name, value)
+    assert RankContext.from_env() == RankContext()
+
+
+def test_deepspeeds_launcher_says_how_many_ranks_share_the_node(env):
+    for name, value in {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_SIZE": "8"}.items():
+        env.setenv(name, value)
+    assert RankContext.from_env() == RankContext(9, 16, 1, 8)
 
 
 def test_nproc_per_node_refuses_several_nodes_and_a_launched_rank(env):
@@ -110,6 +136,10 @@ def test_nproc_per_node_refuses_several_nodes_and_a_launched_rank(env):
     with pytest.raises(InputError, match=r"^--nproc-per-node starts the ranks of one node"):
         relaunch_under_torchrun(2)
     env.delenv("SLURM_NNODES")
+    env.setenv("SLURM_STEP_NUM_TASKS", "2")  # srun -n 2 on one node: two torchruns on one --output
+    with pytest.raises(InputError, match=r"^--nproc-per-node starts the ranks of one node"):
+        relaunch_under_torchrun(2)
+    env.delenv("SLURM_STEP_NUM_TASKS")
     env.setenv("RANK", "0")
     with pytest.raises(InputError, match=r"^--nproc-per-node starts the ranks of one node"):
         relaunch_under_torchrun(2)

@@ -173,6 +173,14 @@ def test_an_epoch_smaller_than_one_optimizer_step_is_refused(data, tmp_path, cap
     assert "holds 198 views, fewer than one optimizer step of 2 ranks x --batch-size 64 x --grad-accum 2" in err
 
 
+def test_a_fresh_run_in_an_earlier_runs_output_is_refused(data, tmp_path, capsys):
+    """Without --resume it would overwrite the earlier run's checkpoints and `latest`."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("global_step12")
+    err = one_line_error(capsys, ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *REFERENCE])
+    assert "holds an earlier run's checkpoints: pass --resume to continue it, or use another --output" in err
+
+
 def test_epochs_past_the_stored_views_are_refused(data, tmp_path, capsys):
     argv = ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *STUDENT, "--epochs", "7"]
     err = one_line_error(capsys, argv)
@@ -227,8 +235,9 @@ def test_two_tasks_started_by_srun_end_equal_to_torchruns_two_ranks(data, refere
         subprocess.Popen(
             [sys.executable, "-m", "deit_pipe.pipeline.cli", "train", data["shards"], "-o", str(out), "--logits",
              data["store"], *REFERENCE],
-            env={**base, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                 "SLURM_NNODES": "1", "SLURM_JOB_ID": str(os.getpid())},
+            env={**base, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(r), "SLURM_STEP_NUM_TASKS": "2",
+                 "SLURM_LOCALID": str(r), "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_TASKS_PER_NODE": "2",
+                 "SLURM_JOB_ID": str(os.getpid())},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for r in (0, 1)
     ]
@@ -305,6 +314,14 @@ def test_a_run_stopped_at_an_epochs_end_records_that_epoch_and_resumes_equal(dat
     assert [row["epoch"] for row in metrics(out)] == [0, 1, 2]
     assert rank_states(out) == rank_states(reference)
     assert json.loads((out / "results.json").read_text())["completed"]
+
+
+@pytest.mark.slow
+def test_a_resume_already_at_its_max_steps_trains_nothing(data, stopped, tmp_path):
+    out = Path(shutil.copytree(stopped, tmp_path / "again"))
+    before = rank_states(out)
+    train(data, out, *REFERENCE, "--max-steps", "13", "--resume")
+    assert rank_states(out) == before and {s["total_steps"] for s in before} == {13}
 
 
 @pytest.mark.slow
