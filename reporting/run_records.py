@@ -1,7 +1,8 @@
 """What a training run leaves in its folder besides checkpoints, each written so a killed run keeps what it had:
 
 - `run.json`: the run's config, written at its start (atomic; a resumed run writes its own);
-- `steps.jsonl`: rank 0's loss and learning rate at every step (its own micro batch), line-buffered;
+- `steps.jsonl`: rank 0's loss and learning rate at every step (its own micro batch), written every 50 steps and
+  at each checkpoint (the losses stay on the device until then: one sync, not one per step);
 - `metrics.jsonl`: one row per finished epoch (mean train loss over every rank, eval top-1/top-5);
 - `ranks/rank<r>.json`: each rank's final state (steps, parameter digest), to check that ranks agree;
 - `results.json` (atomic, last: it tells a caller that the run finished) and `training.png`.
@@ -12,9 +13,13 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.reporting.plots import plot_training, read_jsonl
 from deit_pipe.storage.location import put_atomic
+
+FLUSH_EVERY = 50  # steps between reads of the losses from the device
 
 
 class RunRecords:
@@ -27,19 +32,36 @@ class RunRecords:
             put_atomic(os.path.join(output, "run.json"), json.dumps(config, indent=1).encode())
         self.metrics_path = os.path.join(output, "metrics.jsonl")
         self._steps = open(os.path.join(output, "steps.jsonl"), "a", buffering=1) if ctx.is_main else None
+        self._pending: list[tuple] = []
 
-    def step(self, epoch: int, step: int, total_steps: int, loss: float, lr: float) -> None:
-        if self._steps is not None:
+    def step(self, epoch: int, step: int, total_steps: int, loss: torch.Tensor | float, lr: float) -> float | None:
+        """Records a step; the losses are read from the device every FLUSH_EVERY steps, in one sync (a read per
+        step would stall a GPU). Returns the newest loss read, when this step read them."""
+        if self._steps is None:
+            return None
+        self._pending.append((epoch, step, total_steps, loss, lr))
+        return self.flush() if len(self._pending) >= FLUSH_EVERY else None
+
+    def flush(self) -> float | None:
+        """Writes the pending steps' lines; returns the newest loss (None when nothing was pending)."""
+        if not self._pending:
+            return None
+        losses = torch.stack([torch.as_tensor(p[3], dtype=torch.float32) for p in self._pending]).tolist()
+        for (epoch, step, total_steps, _, lr), loss in zip(self._pending, losses, strict=True):
             self._steps.write(json.dumps({"epoch": epoch, "step": step, "total_steps": total_steps, "loss": loss,
                                           "lr": lr}) + "\n")
+        self._pending.clear()
+        return losses[-1]
 
     def epoch(self, row: dict) -> None:
+        self.flush()
         if self.ctx.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         if self._steps is not None:
+            self.flush()
             self._steps.close()
 
     def rank_state(self, state: dict) -> None:

@@ -222,7 +222,9 @@ class StudentRun:
         return Evaluation(cfg.shards, ShardManifest.load(cfg.shards, "val"), self.ctx, self.recipe.eval_transform(),
                           cfg.engine.micro_batch, cfg.workers, is_distilled(self.engine.module), self.device)
 
-    def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int, steps: int) -> float:
+    def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int,
+                   steps: int) -> torch.Tensor:
+        """One step; returns the loss still on the device (reading it would wait for the GPU every step)."""
         cfg = self.cfg
         # Stochastic depth draws from torch's global generator: seed it from (seed, epoch, step, rank) so a
         # resumed run draws what the unbroken run drew.
@@ -236,9 +238,9 @@ class StudentRun:
         loss = self.criterion(outputs, targets.to(self.device), teacher)
         self.engine.backward(loss)
         self.engine.step()
-        return loss.item()
+        return loss.detach()
 
-    def end_epoch(self, epoch: int, total_steps: int, losses: list[float], seconds: float) -> None:
+    def end_epoch(self, epoch: int, total_steps: int, losses: list[torch.Tensor], seconds: float) -> None:
         """The epoch's row: the mean loss over every rank's steps (a resumed epoch: the steps after the resume),
         and the val accuracy."""
         scores = self.evaluation(self.engine, self.cfg.engine.zero) if self.evaluation else {}
@@ -276,11 +278,13 @@ def run(cfg: TrainConfig) -> dict:
             for step, (_, batch, stored) in enumerate(r.data.loader(epoch, start_step), start=start_step):
                 losses.append(r.train_step(batch, stored, epoch, step, steps))
                 total_steps, images = total_steps + 1, images + len(batch.idx)
-                r.records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                logged = r.records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])
+                if logged is not None:
+                    bar.set_postfix(loss=f"{logged:.3f}", refresh=False)
                 bar.update(1)
                 stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps
                 if stop or step + 1 == steps or (cfg.checkpoint_every and total_steps % cfg.checkpoint_every == 0):
+                    r.records.flush()  # the step log reaches the checkpoint, so a resume neither skips nor repeats
                     r.checkpoints.save(r.engine, epoch, step + 1, total_steps)
                 if stop:
                     break

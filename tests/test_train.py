@@ -496,6 +496,7 @@ def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
         teacher=lambda images, stored: TeacherTargets.from_logits(teacher_logits, tau),
     )
     loss = StudentRun.train_step(run, batch, None, epoch=2, step=1, steps=4)
+    assert loss.shape == () and not loss.requires_grad  # still a tensor: read later, in one sync per many steps
 
     with torch.no_grad():
         cls_logits, dist_logits = student(batch.images)
@@ -507,6 +508,6 @@ def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
         p_t = F.softmax(teacher_logits / tau, dim=1)
         kl = (p_t * (F.log_softmax(teacher_logits / tau, dim=1) - F.log_softmax(dist_logits / tau, dim=1))).sum()
         distill = kl * tau * tau / dist_logits.numel()
-    assert loss == pytest.approx((0.5 * base + 0.5 * distill).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((0.5 * base + 0.5 * distill).item(), rel=1e-5)
     assert run.engine.steps == 1 and len(run.engine.backward_losses) == 1
     assert positions == [1]  # DeiT steps the cosine after each epoch: epoch 2 trains at its value at 1
