@@ -266,7 +266,9 @@ def train(
     ds_config: Annotated[str | None, typer.Option(help="DeepSpeed JSON whose keys override ours.")] = None,
     seed: Annotated[int, typer.Option(help="Order and view seed (a store brings its own view seed).")] = 0,
     recipe: RecipeJSON = None,
-    workers: Annotated[int, typer.Option(help="Loader worker processes per rank.")] = 2,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Loader worker processes per rank (default: the node's cores per local rank, less one).")
+    ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
     keep_checkpoints: Annotated[int, typer.Option(
         min=0, help="Keep the newest K checkpoints on disk, removing older ones (0: keep all).")] = 2,

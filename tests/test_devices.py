@@ -143,3 +143,13 @@ def test_nproc_per_node_refuses_several_nodes_and_a_launched_rank(env):
     env.setenv("RANK", "0")
     with pytest.raises(InputError, match=r"^--nproc-per-node starts the ranks of one node"):
         relaunch_under_torchrun(2)
+
+
+def test_loader_workers_share_the_nodes_cores_among_its_ranks(monkeypatch):
+    from deit_pipe.stages.train import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert loader_workers(RankContext(0, 16, 0, 8)) == 7  # 8 cores per GPU rank: 7 workers and the rank
+    assert loader_workers(RankContext()) == 63
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert loader_workers(RankContext(1, 2, 1, 2)) == 1  # never none: the rank would build views between steps
