@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import struct
+import warnings
 
 import safetensors.torch
 import torch
@@ -42,8 +44,19 @@ def _load_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
     return safetensors.torch.load(data), safetensors_metadata(data)
 
 
+class _Refused(Exception):
+    """A file read_weights will not load, with the reason for the user."""
+
+
 def _load_torch(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
-    checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": the refusal says enough
+        try:
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # torch's own message advises weights_only=False, which would run whatever the file holds.
+            raise _Refused("it holds Python objects other than tensors, which a weights-only load refuses to run; "
+                           "save a state dict of tensors (or safetensors)") from None
     for key in _WRAPPER_KEYS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             return checkpoint[key], {}
@@ -59,6 +72,10 @@ def read_weights(url: str) -> tuple[dict[str, Tensor], dict[str, str], str]:
     load = _load_safetensors if url.endswith(".safetensors") else _load_torch
     try:
         state_dict, metadata = load(data)
-    except Exception as exc:  # corrupt files and unsafe pickles raise several types
-        raise InputError(f"cannot read weights {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    except _Refused as exc:
+        raise InputError(f"cannot read weights {url}: {exc}") from None
+    except Exception as exc:  # not a checkpoint at all: torch and safetensors raise several types
+        kind = "safetensors" if url.endswith(".safetensors") else "torch"
+        raise InputError(f"cannot read weights {url}: not a {kind} checkpoint ({type(exc).__name__}: {exc})"
+                         .splitlines()[0]) from None
     return state_dict, metadata, hashlib.sha256(data).hexdigest()

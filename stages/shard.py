@@ -16,6 +16,7 @@ order it started with, whatever library it runs under now.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -115,10 +116,22 @@ class SplitPlan:
 # ----------------------------------------------------------------------------- units (in workers)
 
 
-def _read_files(split_url_: str, relpaths: list[str]) -> list[bytes]:
+# Errors that say a file itself cannot be read (no use retrying): its verdict is a rejection. Others (an object
+# store's 5xx, a dropped connection) fail the run, which a rerun resumes.
+_UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def _read_files(split_url_: str, relpaths: list[str], unreadable: bool = False) -> list[bytes | OSError]:
+    """The files' bytes, fetched concurrently on object stores; with `unreadable`, a file that cannot be read
+    (missing, no permission, a symlink loop) gives its error in its place."""
     fs, root = resolve(split_url_)
     paths = [f"{root}/{rel}" for rel in relpaths]
-    contents = fs.cat(paths)  # concurrent on object stores; I/O errors fail the run (a rerun resumes)
+    contents = fs.cat(paths, on_error="return" if unreadable else "raise")
+    for p in paths:
+        error = contents[p]
+        if isinstance(error, Exception) and not (isinstance(error, _UNREADABLE) or getattr(error, "errno", None)
+                                                 == errno.ELOOP):
+            raise error
     return [contents[p] for p in paths]
 
 
@@ -134,8 +147,9 @@ class ScanUnit:
 def scan_unit(unit: ScanUnit) -> int:
     """Inspect each file of the unit and commit the verdicts as one JSON list, in file order."""
     verdicts = [
-        Verdict(rel, inspect_image(data, rel, unit.max_pixels)).to_json()
-        for rel, data in zip(unit.relpaths, _read_files(unit.split_url, unit.relpaths), strict=True)
+        Verdict(rel, inspect_image(data, rel, unit.max_pixels) if isinstance(data, bytes) else
+                Inspection(REJECT, f"unreadable: {type(data).__name__}: {data.strerror or data}")).to_json()
+        for rel, data in zip(unit.relpaths, _read_files(unit.split_url, unit.relpaths, unreadable=True), strict=True)
     ]
     unit.markers.commit(unit.name, to_json(verdicts))
     return len(verdicts)

@@ -36,6 +36,7 @@ from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
 from deit_pipe.models.precision import device_kind, inference_precision
 from deit_pipe.models.registry import create_teacher
+from deit_pipe.storage.location import check_writable
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
 
@@ -158,6 +159,7 @@ def run(
 ) -> dict:
     ctx = RankContext.from_env()
     manifest = ShardManifest.load(shards, split)
+    check_writable(store_url)  # a missing bucket is one line here, not a traceback from the store's layout
     num_classes = len(manifest.classes)
     if views < 1:
         raise InputError(f"--views must be at least 1, not {views}")

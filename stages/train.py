@@ -45,7 +45,7 @@ from deit_pipe.reporting import metrics
 from deit_pipe.reporting.metrics import Evaluation
 from deit_pipe.reporting.run_records import RunRecords
 from deit_pipe.stages.verify_store import open_bound_store
-from deit_pipe.storage.location import exists, is_local
+from deit_pipe.storage.location import check_writable, exists, is_local
 from deit_pipe.storage.manifest import ShardManifest, manifest_url
 from deit_pipe.storage.teacher_store import TeacherStore
 
@@ -115,6 +115,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
         )
     if not is_local(cfg.output):
         raise InputError(f"--output {cfg.output} must be a local or shared-filesystem path (DeepSpeed checkpoints)")
+    check_writable(cfg.output)
     if not cfg.resume and exists(os.path.join(cfg.output, "checkpoints", "latest")):
         raise InputError(f"--output {cfg.output} holds an earlier run's checkpoints: pass --resume to continue it, "
                          f"or use another --output")

@@ -1,5 +1,7 @@
 """Students and teachers from timm with tiny overrides; teacher weights round trip through export."""
 
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import timm
@@ -173,11 +175,30 @@ class _NotAWeight:
     pass
 
 
-def test_pickled_objects_are_not_loaded(tmp_path):
-    path = str(tmp_path / "unsafe.pth")
-    torch.save({"model": {"x": _NotAWeight()}}, path)
-    with pytest.raises(InputError, match="cannot read weights"):
-        read_weights(path)
+class _Payload:
+    def __reduce__(self):
+        return (open, ("/tmp/deit-pipe-payload-ran", "w"))
+
+
+def test_pickled_objects_are_not_loaded_and_the_unsafe_load_is_never_advised(tmp_path, recwarn):
+    """A malicious .pth, a state dict holding another object, a bare pickle: refused without running anything,
+    with no advice to load weights_only=False and no pickle-protocol warning; a text file is not a checkpoint."""
+    import pickle
+
+    files = {"malicious.pth": pickle.dumps({"model": _Payload()}), "bare.pth": pickle.dumps({"w": [1, 2]}),
+             "text.pth": b"hello world\n"}
+    torch.save({"model": {"x": _NotAWeight()}}, str(tmp_path / "object.pth"))
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name in ("malicious.pth", "object.pth", "bare.pth"):
+        with pytest.raises(InputError, match=r"^cannot read weights .*: it holds Python objects other than tensors, "
+                                             r"which a weights-only load refuses to run; save a state dict") as info:
+            read_weights(str(tmp_path / name))
+        assert "weights_only" not in str(info.value)
+    with pytest.raises(InputError, match=r"^cannot read weights .*text\.pth: not a torch checkpoint \(KeyError"):
+        read_weights(str(tmp_path / "text.pth"))
+    assert not Path("/tmp/deit-pipe-payload-ran").exists()
+    assert [str(w.message) for w in recwarn] == []
 
 
 def test_an_fp32_teacher_runs_without_tf32_and_bf16_under_autocast():

@@ -386,3 +386,16 @@ def test_a_write_failure_on_a_file_that_still_passes_its_scan_is_not_blamed_on_t
     monkeypatch.setattr(stage, "prepare_image", broken)
     with pytest.raises(RuntimeError, match="a bug in prepare_image"):
         shard(two_pngs, tmp_path / "out", RESIZED)
+
+
+def test_unreadable_source_files_are_rejected_inputs_not_a_failed_run(two_pngs, tmp_path):
+    """A dangling symlink and a symlink loop: listed, unreadable, rejected with the reason (no source path in
+    it, so the manifest does not depend on where SRC is mounted); the readable files are sharded."""
+    os.symlink("/nonexistent-deit-pipe", two_pngs / "a" / "dangling.png")
+    os.symlink("loop.png", two_pngs / "a" / "loop.png")
+    reports = shard(two_pngs, tmp_path / "out")
+    m = reports["train"].manifest
+    assert m.num_samples == 2
+    assert m.rejected == [
+        {"path": "a/dangling.png", "reason": "unreadable: FileNotFoundError: No such file or directory"},
+        {"path": "a/loop.png", "reason": "unreadable: OSError: Too many levels of symbolic links"}]

@@ -401,3 +401,8 @@ def test_the_teacher_runs_in_fp32_unless_asked():
     command = typer.main.get_command(app).commands["teacher-logits"]
     assert next(p for p in command.params if p.name == "precision").default == "fp32"
     assert stage.TeacherSpec("regnetx_002", None).precision == "fp32"
+
+
+def test_a_store_in_a_missing_bucket_is_one_line_before_any_work(shards, weights, s3_server, capsys):
+    line = refused(capsys, *cli_args(shards, "s3://no-such-bucket-deit-pipe/store", weights))
+    assert line.startswith("deit-pipe: error: cannot write to s3://no-such-bucket-deit-pipe/store")
