@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction
-from deit_pipe.errors import InputError
+from deit_pipe.errors import EnvironmentFault, InputError
 
 app = typer.Typer(
     name="deit-pipe",
@@ -328,11 +328,11 @@ def demo(
     typer.echo(demo_job.results_table(results))
 
 
-def one_line(exc: InputError) -> str:
+def one_line(exc: InputError | EnvironmentFault) -> str:
     """The message itself: a DataLoader worker's error arrives wrapped in the worker's traceback text."""
     text = str(exc).strip()
     last = text.splitlines()[-1] if text else ""
-    prefix = f"{InputError.__module__}.{InputError.__qualname__}: "
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
     return last[len(prefix):] if last.startswith(prefix) else text
 
 
@@ -347,9 +347,9 @@ def rank_prefix() -> str:
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
-    except InputError as exc:
+    except (InputError, EnvironmentFault) as exc:
         typer.echo(f"deit-pipe: error: {rank_prefix()}{one_line(exc)}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("deit-pipe: interrupted", err=True)
         sys.exit(130)

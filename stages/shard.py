@@ -296,8 +296,14 @@ def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankCon
         todo.append(ShardUnit(source.url, shard_name(source.split, s), shard_url(work.dest, source.split, s),
                               work.shards, work.shard_marker(s), entries, options.max_side, options.jpeg_quality,
                               options.max_pixels))
-    with _bar(f"{source.split} write", sum(len(u.entries) for u in todo)) as bar:
-        _run_units(write_shard_unit, todo, workers, bar)
+    try:
+        with _bar(f"{source.split} write", sum(len(u.entries) for u in todo)) as bar:
+            _run_units(write_shard_unit, todo, workers, bar)
+    except BaseException:
+        for unit in todo:  # writes the failure cut short (other workers' too): no temporary file stays behind
+            discard_partial(unit.url)
+            discard_partial(unit.markers.marker(unit.marker))
+        raise
     return len(todo)
 
 

@@ -6,6 +6,8 @@ Every write goes to a temporary key and is committed by one rename (local) or on
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 import uuid
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterable
 import fsspec
 from fsspec.core import url_to_fs
 
-from deit_pipe.errors import InputError
+from deit_pipe.errors import EnvironmentFault, InputError
 
 
 def resolve(url: str):
@@ -50,11 +52,19 @@ def put_atomic(url: str, data: bytes) -> None:
     if "file" in fs.protocol or "local" in fs.protocol:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # nothing half-written left behind
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise EnvironmentFault(f"no space left on the device writing {url} ({len(data)} bytes): free some "
+                                       f"and rerun with the same arguments (committed work is kept)") from None
+            raise
     else:
         # One PUT of the whole body: object stores never expose a partial object.
         fs.pipe_file(path, data)

@@ -20,3 +20,23 @@ def test_a_protocol_whose_package_is_missing_names_the_package():
     """gs:// without the [gcs] extra: fsspec's own advice, as one line."""
     with pytest.raises(InputError, match=r"^gs://bucket/x: .*install gcsfs"):
         resolve("gs://bucket/x")
+
+
+def test_a_write_the_disk_refuses_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    """ENOSPC mid-write: an EnvironmentFault (the machine, exit 3), and no temporary file beside the target."""
+    import errno
+
+    from deit_pipe.errors import EnvironmentFault
+    from deit_pipe.storage import location
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(location.os, "fsync", full)
+    with pytest.raises(EnvironmentFault, match=r"^no space left on the device writing .*/x\.bin \(3 bytes\)"):
+        location.put_atomic(str(tmp_path / "x.bin"), b"abc")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(location.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # other failures keep their type
+        location.put_atomic(str(tmp_path / "x.bin"), b"abc")
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -399,3 +400,34 @@ def test_unreadable_source_files_are_rejected_inputs_not_a_failed_run(two_pngs, 
     assert m.rejected == [
         {"path": "a/dangling.png", "reason": "unreadable: FileNotFoundError: No such file or directory"},
         {"path": "a/loop.png", "reason": "unreadable: OSError: Too many levels of symbolic links"}]
+
+
+def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_the_rerun_completes(odd_image_folder, local_run,
+                                                                                    tmp_path, monkeypatch, capsys):
+    """The device fills while the third train shard is written (ENOSPC at its fsync): exit 3 (the machine, not
+    the input) with one line; no `.tmp-` file anywhere; after space is freed the rerun ends with a clean run's
+    tree."""
+    import errno
+
+    from deit_pipe.pipeline.cli import main
+    from deit_pipe.storage import location
+
+    fsync, dest = location.os.fsync, tmp_path / "out"
+
+    def full_at_third_shard(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith("train-000002.tar.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(location.os, "fsync", full_at_third_shard)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["shard", str(odd_image_folder.root), str(dest), "--samples-per-shard", "4", "--seed", "3",
+              "--workers", "1"])
+    stderr = capsys.readouterr().err
+    err = [line for line in re.split(r"[\r\n]", stderr) if line.startswith("deit-pipe")]  # not the progress bars
+    assert exit_info.value.code == 3 and len(err) == 1 and "Traceback" not in stderr, stderr
+    assert err[0].startswith("deit-pipe: error: no space left on the device writing ") and "train-000002.tar" in err[0]
+    assert not [p for p in dest.rglob("*") if ".tmp-" in p.name]
+    monkeypatch.setattr(location.os, "fsync", fsync)
+    shard(odd_image_folder.root, dest)
+    assert tree(dest) == tree(local_run[0])
