@@ -7,6 +7,7 @@ Bad input raises InputError deep down; `main` prints it as one line and exits 2,
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -345,6 +346,10 @@ def rank_prefix() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Object-store calls retry with backoff to a budget a cluster job survives (botocore reads these; set them to
+    # change it): a throttled or flaky S3 costs time, not the run.
+    os.environ.setdefault("AWS_RETRY_MODE", "adaptive")
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", "10")
     try:
         app(args=argv, standalone_mode=False)
     except (InputError, EnvironmentFault) as exc:

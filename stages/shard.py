@@ -40,7 +40,7 @@ from deit_pipe.data.images import (
 from deit_pipe.data.rng import permutation
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
-from deit_pipe.storage.location import check_writable, discard_partial, join, resolve
+from deit_pipe.storage.location import check_writable, discard_partial, join, resolve, storage_errors
 from deit_pipe.storage.manifest import ShardManifest, shard_name, shard_url, split_url
 from deit_pipe.storage.shards import ShardInfo, ShardSample, safe_key, write_shard
 from deit_pipe.storage.work_queue import CommitMarkers, bind_plan, to_json
@@ -126,12 +126,13 @@ def _read_files(split_url_: str, relpaths: list[str], unreadable: bool = False) 
     (missing, no permission, a symlink loop) gives its error in its place."""
     fs, root = resolve(split_url_)
     paths = [f"{root}/{rel}" for rel in relpaths]
-    contents = fs.cat(paths, on_error="return" if unreadable else "raise")
-    for p in paths:
-        error = contents[p]
-        if isinstance(error, Exception) and not (isinstance(error, _UNREADABLE) or getattr(error, "errno", None)
-                                                 == errno.ELOOP):
-            raise error
+    with storage_errors("read", split_url_):
+        contents = fs.cat(paths, on_error="return" if unreadable else "raise")
+        for p in paths:
+            error = contents[p]
+            if isinstance(error, Exception) and not (isinstance(error, _UNREADABLE) or getattr(error, "errno", None)
+                                                     == errno.ELOOP):
+                raise error
     return [contents[p] for p in paths]
 
 

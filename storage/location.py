@@ -36,14 +36,36 @@ def is_local(url: str) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 
 
+# What a failed storage call says about the input (a missing object or bucket, no permission, a file where a
+# folder should be): the caller's to judge. Any other OSError is the machine or the service.
+_ABOUT_THE_INPUT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+@contextlib.contextmanager
+def storage_errors(operation: str, url: str):
+    """An object store (or disk) failing past its client's retries (5xx, dropped connections, timeouts) becomes
+    one EnvironmentFault line naming the operation and the URL; errors about the input pass through as they are.
+    Retries are botocore's: AWS_RETRY_MODE and AWS_MAX_ATTEMPTS (the CLI sets adaptive and 10 unless set)."""
+    try:
+        yield
+    except _ABOUT_THE_INPUT:
+        raise
+    except OSError as exc:
+        raise EnvironmentFault(
+            f"{operation} {url} failed past the storage client's retries ({type(exc).__name__}: {exc}): rerun with "
+            f"the same arguments (committed work is kept)".splitlines()[0]) from None
+
+
 def exists(url: str) -> bool:
     fs, path = resolve(url)
-    return fs.exists(path)
+    with storage_errors("look up", url):
+        return fs.exists(path)
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
-    return fs.cat_file(path)
+    with storage_errors("read", url):
+        return fs.cat_file(path)
 
 
 def put_atomic(url: str, data: bytes) -> None:
@@ -67,7 +89,8 @@ def put_atomic(url: str, data: bytes) -> None:
             raise
     else:
         # One PUT of the whole body: object stores never expose a partial object.
-        fs.pipe_file(path, data)
+        with storage_errors("write", url):
+            fs.pipe_file(path, data)
 
 
 def discard_partial(url: str) -> None:
@@ -85,8 +108,11 @@ def check_writable(url: str) -> None:
     try:
         put_atomic(probe, b"")
         fs, path = resolve(probe)
-        fs.rm_file(path)
-    except Exception as exc:  # the filesystem's own error type varies by backend
+        with storage_errors("remove", probe):
+            fs.rm_file(path)
+    except EnvironmentFault:
+        raise
+    except Exception as exc:  # the input: a missing bucket, no permission or credentials, a file in the path
         raise InputError(f"cannot write to {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 

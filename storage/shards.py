@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from deit_pipe.storage.location import open_url, put_atomic
+from deit_pipe.storage.location import open_url, put_atomic, storage_errors
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 _UNSAFE = re.compile(r"[^A-Za-z0-9/-]")
@@ -78,5 +78,5 @@ def decode_shard(data: bytes, url: str = "<memory>") -> Iterator[ShardSample]:
 
 def read_shard(url: str) -> Iterator[ShardSample]:
     """Stream a committed shard's samples in stored (idx) order."""
-    with open_url(url, "rb") as f:
+    with storage_errors("read", url), open_url(url, "rb") as f:
         yield from _samples(f, url)

@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from deit_pipe.errors import InputError
-from deit_pipe.storage.location import join, resolve
+from deit_pipe.storage.location import join, resolve, storage_errors
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.work_queue import CommitMarkers
 
@@ -225,15 +225,17 @@ class TeacherStore:
     def write_unit(self, shard: int, v: int, record: ViewRecord) -> None:
         """Write one whole chunk per array, then the commit marker (a unit without it is redone)."""
         rows = self._rows(shard)
-        for name in _arrays(self.attrs):
-            self._array(name)[rows, v] = getattr(record, name)
+        with storage_errors("write", f"{self.url} (shard {shard}, view {v})"):
+            for name in _arrays(self.attrs):
+                self._array(name)[rows, v] = getattr(record, name)
         self.commits.commit(_unit_name(shard, v))
 
     def read_unit(self, shard: int, v: int) -> ViewRecord:
         if not self.is_committed(shard, v):
             raise InputError(f"teacher store {self.url}: shard {shard} view {v} is not committed")
         rows = self._rows(shard)
-        arrays = {name: self._array(name)[rows, v] for name in _arrays(self.attrs)}
+        with storage_errors("read", f"{self.url} (shard {shard}, view {v})"):
+            arrays = {name: self._array(name)[rows, v] for name in _arrays(self.attrs)}
         arrays.setdefault("code", np.zeros((rows.stop - rows.start, 0), np.int8))
         return ViewRecord(**arrays)
 

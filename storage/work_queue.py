@@ -13,7 +13,17 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from deit_pipe.storage.location import discard_partial, exists, join, put_atomic, resolve, wait_for, wait_until
+from deit_pipe.storage.location import (
+    discard_partial,
+    exists,
+    join,
+    put_atomic,
+    read_bytes,
+    resolve,
+    storage_errors,
+    wait_for,
+    wait_until,
+)
 
 WAIT_TIMEOUT = 24 * 3600.0  # seconds a rank waits for the others' work before it gives up
 
@@ -26,11 +36,10 @@ def to_json(obj) -> bytes:
 def bind_plan(url: str, plan, is_main: bool) -> object:
     """The plan stored at `url`: rank 0 writes `plan` there if none is; every rank waits for it. The caller
     compares it with its own (a rerun finds the first run's)."""
-    fs, path = resolve(url)
-    if is_main and not fs.exists(path):
+    if is_main and not exists(url):
         put_atomic(url, to_json(plan))
     wait_for([url], "rank 0's plan", timeout=WAIT_TIMEOUT, poll=0.2)
-    return json.loads(fs.cat_file(path))
+    return json.loads(read_bytes(url))
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,9 @@ class CommitMarkers:
         """The names of every finished marker, from one listing (a killed write's temporary file is not one)."""
         fs, path = resolve(self.url)
         fs.invalidate_cache()
-        return {n for n in (posixpath.basename(p) for p in fs.find(path, maxdepth=1)) if ".tmp-" not in n}
+        with storage_errors("list", self.url):
+            found = fs.find(path, maxdepth=1)
+        return {n for n in (posixpath.basename(p) for p in found) if ".tmp-" not in n}
 
     def wait(self, names: Iterable[str], what: str, poll: float = 1.0) -> None:
         """The barrier between ranks: block until every named marker exists, with one listing per poll (not one
@@ -70,5 +81,6 @@ class CommitMarkers:
             return []
         fs, _ = resolve(self.url)
         paths = [resolve(self.marker(n))[1] for n in names]
-        contents = fs.cat(paths)
+        with storage_errors("read", self.url):
+            contents = fs.cat(paths)
         return [contents[p] for p in paths]

@@ -74,7 +74,8 @@ def s3_server():
 class S3RequestCounter:
     """A reverse proxy in front of moto's server that counts the requests passing through it, by method."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, fault=None):
+        """`fault(method, path, n)` -> an HTTP status to answer instead of forwarding the n-th request, or None."""
         import http.client
         import threading
         from collections import Counter
@@ -90,6 +91,16 @@ class S3RequestCounter:
             def forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                with lock:
+                    counts["all"] += 1
+                    status = fault(self.command, self.path, counts["all"]) if fault else None
+                if status is not None:
+                    self.send_response(status)
+                    message = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message)
+                    return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 upstream_conn.request(self.command, self.path, body, headers=dict(self.headers))
                 reply = upstream_conn.getresponse()
@@ -118,22 +129,37 @@ class S3RequestCounter:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def take(self) -> dict[str, int]:
-        """The counts since the last take."""
+        """The counts by method since the last take (forwarded requests only)."""
         with self._lock:
-            counts = dict(self.counts)
-            self.counts.clear()
+            counts = {k: v for k, v in self.counts.items() if k != "all"}
+            for key in counts:
+                del self.counts[key]
         return counts
 
 
 @pytest.fixture
-def s3_requests(s3_server, monkeypatch):
+def s3_proxy(s3_server, monkeypatch):
+    """Puts a counting (and, given `fault`, failing) proxy between every process of the test and moto's S3:
+    `s3_proxy(fault=None)` -> the S3RequestCounter. moto itself stays reachable at `s3_server`."""
+    proxies = []
+
+    def start(fault=None) -> S3RequestCounter:
+        proxy = S3RequestCounter(s3_server, fault)
+        proxies.append(proxy)
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint)
+        config = {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint}
+        monkeypatch.setitem(fsspec.config.conf, "s3", config)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.server.shutdown()
+
+
+@pytest.fixture
+def s3_requests(s3_proxy):
     """A counter of the S3 requests every process of the test makes (this one and its subprocesses)."""
-    counter = S3RequestCounter(s3_server)
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", counter.endpoint)
-    s3_config = {**fsspec.config.conf.get("s3", {}), "endpoint_url": counter.endpoint}
-    monkeypatch.setitem(fsspec.config.conf, "s3", s3_config)
-    yield counter
-    counter.server.shutdown()
+    return s3_proxy()
 
 
 @pytest.fixture

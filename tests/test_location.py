@@ -40,3 +40,17 @@ def test_a_write_the_disk_refuses_leaves_nothing_and_says_so(tmp_path, monkeypat
     with pytest.raises(OSError, match="I/O error"):  # other failures keep their type
         location.put_atomic(str(tmp_path / "x.bin"), b"abc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_error_past_the_retries_names_the_operation_and_the_url_and_input_errors_pass():
+    from deit_pipe.errors import EnvironmentFault
+    from deit_pipe.storage.location import storage_errors
+
+    with pytest.raises(EnvironmentFault, match=r"^write s3://b/k failed past the storage client's retries "
+                                               r"\(OSError: \[Errno 16\] SlowDown\): rerun with the same arguments"):
+        with storage_errors("write", "s3://b/k"):
+            raise OSError(16, "SlowDown")
+    for about_the_input in (FileNotFoundError("no such key"), PermissionError("denied")):
+        with pytest.raises(type(about_the_input)):
+            with storage_errors("read", "s3://b/k"):
+                raise about_the_input
