@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import struct
 import warnings
 
@@ -53,10 +54,14 @@ def _load_torch(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
         warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4": the refusal says enough
         try:
             checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # torch's own message advises weights_only=False, which would run whatever the file holds.
-            raise _Refused("it holds Python objects other than tensors, which a weights-only load refuses to run; "
-                           "save a state dict of tensors (or safetensors)") from None
+        except pickle.UnpicklingError as exc:
+            # torch's own message advises weights_only=False, which would run whatever the file holds: never passed on.
+            if "Unsupported global" in str(exc):
+                raise _Refused("it holds Python objects other than tensors, which a weights-only load refuses to "
+                               "run; save a state dict of tensors (or safetensors)") from None
+            reason = re.search(r"WeightsUnpickler error:\s*([^\n.]*)", str(exc))
+            raise _Refused(f"not a checkpoint a weights-only load can read ({reason[1] if reason else 'unpickling'})"
+                           f"; save a state dict of tensors with torch.save (or safetensors)") from None
     for key in _WRAPPER_KEYS:
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             return checkpoint[key], {}

@@ -1,7 +1,8 @@
 """The `deit-pipe` command line.
 
 Heavy imports (torch, timm, deepspeed) happen inside each command so `--help` stays fast.
-Bad input raises InputError deep down; `main` prints it as one line and exits 2, never a traceback.
+Bad input raises InputError deep down, a failing machine or service EnvironmentFault; `main` prints either as
+one line and exits 2 or 3, never a traceback.
 """
 
 from __future__ import annotations
@@ -345,11 +346,23 @@ def rank_prefix() -> str:
     return f"rank {ctx.rank}: " if ctx.world_size > 1 else ""
 
 
+def retry_defaults() -> None:
+    """Object-store calls retry with backoff to a budget a cluster job survives: botocore's adaptive mode, 10
+    attempts, unless the environment or the AWS config file says otherwise (a throttled S3 costs time, not
+    the run)."""
+    try:
+        with open(os.environ.get("AWS_CONFIG_FILE", os.path.expanduser("~/.aws/config"))) as f:
+            config = f.read()
+    except OSError:
+        config = ""
+    for key, variable, value in (("retry_mode", "AWS_RETRY_MODE", "adaptive"), ("max_attempts", "AWS_MAX_ATTEMPTS",
+                                                                                  "10")):
+        if key not in config:
+            os.environ.setdefault(variable, value)
+
+
 def main(argv: list[str] | None = None) -> None:
-    # Object-store calls retry with backoff to a budget a cluster job survives (botocore reads these; set them to
-    # change it): a throttled or flaky S3 costs time, not the run.
-    os.environ.setdefault("AWS_RETRY_MODE", "adaptive")
-    os.environ.setdefault("AWS_MAX_ATTEMPTS", "10")
+    retry_defaults()
     try:
         app(args=argv, standalone_mode=False)
     except (InputError, EnvironmentFault) as exc:

@@ -16,6 +16,7 @@ order it started with, whatever library it runs under now.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -116,24 +117,26 @@ class SplitPlan:
 # ----------------------------------------------------------------------------- units (in workers)
 
 
-# Errors that say a file itself cannot be read (no use retrying): its verdict is a rejection. Others (an object
-# store's 5xx, a dropped connection) fail the run, which a rerun resumes.
-_UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError)
+# A file itself that cannot be read (missing, no permission, a folder, a symlink loop): by its errno, which a
+# local filesystem gives; an object store's translated errors (expired credentials, 5xx) carry none, so they
+# fail the run, which a rerun resumes, instead of rejecting files for good.
+_UNREADABLE = {errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ELOOP}
 
 
 def _read_files(split_url_: str, relpaths: list[str], unreadable: bool = False) -> list[bytes | OSError]:
-    """The files' bytes, fetched concurrently on object stores; with `unreadable`, a file that cannot be read
-    (missing, no permission, a symlink loop) gives its error in its place."""
+    """The files' bytes; with `unreadable`, a file that cannot be read gives its error in its place. Read one by
+    one: fsspec's batched cat would take [, * and ? in a file name for a glob pattern."""
     fs, root = resolve(split_url_)
-    paths = [f"{root}/{rel}" for rel in relpaths]
-    with storage_errors("read", split_url_):
-        contents = fs.cat(paths, on_error="return" if unreadable else "raise")
-        for p in paths:
-            error = contents[p]
-            if isinstance(error, Exception) and not (isinstance(error, _UNREADABLE) or getattr(error, "errno", None)
-                                                     == errno.ELOOP):
-                raise error
-    return [contents[p] for p in paths]
+    contents: list[bytes | OSError] = []
+    for rel in relpaths:
+        with storage_errors("read", f"{split_url_}/{rel}"):
+            try:
+                contents.append(fs.cat_file(f"{root}/{rel}"))
+            except OSError as error:
+                if not (unreadable and error.errno in _UNREADABLE):
+                    raise
+                contents.append(error)
+    return contents
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def scan_unit(unit: ScanUnit) -> int:
     """Inspect each file of the unit and commit the verdicts as one JSON list, in file order."""
     verdicts = [
         Verdict(rel, inspect_image(data, rel, unit.max_pixels) if isinstance(data, bytes) else
-                Inspection(REJECT, f"unreadable: {type(data).__name__}: {data.strerror or data}")).to_json()
+                Inspection(REJECT, f"unreadable: {type(data).__name__}: {data.strerror}")).to_json()
         for rel, data in zip(unit.relpaths, _read_files(unit.split_url, unit.relpaths, unreadable=True), strict=True)
     ]
     unit.markers.commit(unit.name, to_json(verdicts))
@@ -302,8 +305,9 @@ def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankCon
             _run_units(write_shard_unit, todo, workers, bar)
     except BaseException:
         for unit in todo:  # writes the failure cut short (other workers' too): no temporary file stays behind
-            discard_partial(unit.url)
-            discard_partial(unit.markers.marker(unit.marker))
+            with contextlib.suppress(OSError):  # the disk may be what failed: the original error is the news
+                discard_partial(unit.url)
+                discard_partial(unit.markers.marker(unit.marker))
         raise
     return len(todo)
 

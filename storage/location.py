@@ -36,24 +36,39 @@ def is_local(url: str) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 
 
-# What a failed storage call says about the input (a missing object or bucket, no permission, a file where a
-# folder should be): the caller's to judge. Any other OSError is the machine or the service.
-_ABOUT_THE_INPUT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# What a failed storage call says about the input: no permission (or expired credentials), a file where a folder
+# should be. A missing object (FileNotFoundError) passes through as it is: callers ask whether something exists.
+_ABOUT_THE_INPUT = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 @contextlib.contextmanager
 def storage_errors(operation: str, url: str):
-    """An object store (or disk) failing past its client's retries (5xx, dropped connections, timeouts) becomes
-    one EnvironmentFault line naming the operation and the URL; errors about the input pass through as they are.
-    Retries are botocore's: AWS_RETRY_MODE and AWS_MAX_ATTEMPTS (the CLI sets adaptive and 10 unless set)."""
+    """One line for a storage call that failed: the input's fault (InputError, exit 2) or the machine's or the
+    service's past its client's retries (5xx, dropped connections, timeouts, a failing disk: EnvironmentFault,
+    exit 3), naming the operation and the URL. Retries are botocore's (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS)."""
     try:
         yield
-    except _ABOUT_THE_INPUT:
+    except FileNotFoundError:
         raise
+    except _ABOUT_THE_INPUT as exc:
+        raise InputError(f"{operation} {url}: {type(exc).__name__}: {_first_line(exc)}") from None
     except OSError as exc:
-        raise EnvironmentFault(
-            f"{operation} {url} failed past the storage client's retries ({type(exc).__name__}: {exc}): rerun with "
-            f"the same arguments (committed work is kept)".splitlines()[0]) from None
+        raise EnvironmentFault(f"{operation} {url} failed ({type(exc).__name__}: {_first_line(exc)}), also on "
+                               f"retrying: rerun with the same arguments (committed work is kept)") from None
+    except Exception as exc:
+        # botocore's connection and streaming errors are not OSErrors; its credential errors are the input's.
+        from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            raise InputError(f"{operation} {url}: {_first_line(exc)}") from None
+        if isinstance(exc, BotoCoreError):
+            raise EnvironmentFault(f"{operation} {url} failed ({type(exc).__name__}: {_first_line(exc)}), also on "
+                                   f"retrying: rerun with the same arguments (committed work is kept)") from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
 
 
 def exists(url: str) -> bool:
@@ -75,18 +90,22 @@ def put_atomic(url: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
+            with storage_errors("write", url):
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise EnvironmentFault(
+                            f"no space left on the device (or the quota) writing {url} ({len(data)} bytes): free "
+                            f"some and rerun with the same arguments (committed work is kept)") from None
+                    raise
+        finally:
             with contextlib.suppress(OSError):
-                os.remove(tmp)  # nothing half-written left behind
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise EnvironmentFault(f"no space left on the device writing {url} ({len(data)} bytes): free some "
-                                       f"and rerun with the same arguments (committed work is kept)") from None
-            raise
+                os.remove(tmp)  # nothing half-written left behind (gone already when the rename happened)
     else:
         # One PUT of the whole body: object stores never expose a partial object.
         with storage_errors("write", url):
@@ -113,7 +132,8 @@ def check_writable(url: str) -> None:
     except EnvironmentFault:
         raise
     except Exception as exc:  # the input: a missing bucket, no permission or credentials, a file in the path
-        raise InputError(f"cannot write to {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        reason = _first_line(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        raise InputError(f"cannot write to {url}: {reason}") from None
 
 
 def wait_until(missing: Callable[[], list[str]], what: str, timeout: float, poll: float) -> None:

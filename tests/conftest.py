@@ -99,7 +99,8 @@ class S3RequestCounter:
                     message = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
                     self.send_header("Content-Length", str(len(message)))
                     self.end_headers()
-                    self.wfile.write(message)
+                    if self.command != "HEAD":  # a HEAD reply has no body: the connection stays usable
+                        self.wfile.write(message)
                     return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 upstream_conn.request(self.command, self.path, body, headers=dict(self.headers))

@@ -3,6 +3,8 @@ refuses the same values in one line naming the option (deit_pipe.choices)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction, check
@@ -73,3 +75,19 @@ def test_bf16_gradients_are_reduced_in_fp32():
     """DeepSpeed's bf16 default sums gradients in bf16 across ranks; 8-16 ranks lose bits there."""
     for precision in ("bf16", "fp32"):
         assert EngineSpec(precision=precision).config()["communication_data_type"] == "fp32"
+
+
+def test_retry_defaults_yield_to_the_environment_and_the_aws_config(tmp_path, monkeypatch):
+    from deit_pipe.pipeline.cli import retry_defaults
+
+    for variable in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    retry_defaults()
+    assert (os.environ["AWS_RETRY_MODE"], os.environ["AWS_MAX_ATTEMPTS"]) == ("adaptive", "10")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    (tmp_path / "config").write_text("[default]\nretry_mode = standard\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    retry_defaults()
+    assert "AWS_RETRY_MODE" not in os.environ and os.environ["AWS_MAX_ATTEMPTS"] == "3"

@@ -64,7 +64,8 @@ def test_a_store_failing_past_the_retries_is_one_line_exit_3_and_the_rerun_compl
     errors = [line for line in failed.stderr.replace("\r", "\n").splitlines() if line.startswith("deit-pipe")]
     assert failed.returncode == 3 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith(f"deit-pipe: error: write {dest}/train/train-000002.tar failed "
-                                                     "past the storage client's retries"), errors
+                                                     "("), errors
+    assert "), also on retrying: " in errors[0]
     assert errors[0].endswith("rerun with the same arguments (committed work is kept)")
     s3_proxy()  # the store recovers
     rerun = shard_cli(fmnist_folder, dest)

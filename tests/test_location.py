@@ -33,24 +33,30 @@ def test_a_write_the_disk_refuses_leaves_nothing_and_says_so(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(location.os, "fsync", full)
-    with pytest.raises(EnvironmentFault, match=r"^no space left on the device writing .*/x\.bin \(3 bytes\)"):
+    with pytest.raises(EnvironmentFault, match=r"^no space left on the device \(or the quota\) writing .*/x\.bin \(3 "):
         location.put_atomic(str(tmp_path / "x.bin"), b"abc")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(location.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O error"):  # other failures keep their type
-        location.put_atomic(str(tmp_path / "x.bin"), b"abc")
+    with pytest.raises(EnvironmentFault, match=r"^write .*/x\.bin failed \(OSError: \[Errno 5\] I/O error\)"):
+        location.put_atomic(str(tmp_path / "x.bin"), b"abc")  # a failing disk is the machine's too
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_store_error_past_the_retries_names_the_operation_and_the_url_and_input_errors_pass():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
     from deit_pipe.errors import EnvironmentFault
     from deit_pipe.storage.location import storage_errors
 
-    with pytest.raises(EnvironmentFault, match=r"^write s3://b/k failed past the storage client's retries "
-                                               r"\(OSError: \[Errno 16\] SlowDown\): rerun with the same arguments"):
-        with storage_errors("write", "s3://b/k"):
-            raise OSError(16, "SlowDown")
-    for about_the_input in (FileNotFoundError("no such key"), PermissionError("denied")):
-        with pytest.raises(type(about_the_input)):
+    for failure in (OSError(16, "SlowDown"), EndpointConnectionError(endpoint_url="http://s3")):
+        with pytest.raises(EnvironmentFault, match=r"^write s3://b/k failed \(\w+: .+\), also on retrying: rerun "
+                                                   r"with the same arguments \(committed work is kept\)$"):
+            with storage_errors("write", "s3://b/k"):
+                raise failure
+    for about_the_input in (PermissionError("Access Denied"), NoCredentialsError()):
+        with pytest.raises(InputError, match=r"^read s3://b/k: "):
             with storage_errors("read", "s3://b/k"):
                 raise about_the_input
+    with pytest.raises(FileNotFoundError):  # a missing object is the caller's to judge
+        with storage_errors("read", "s3://b/k"):
+            raise FileNotFoundError("no such key")

@@ -176,8 +176,10 @@ class _NotAWeight:
 
 
 class _Payload:
+    ran = None  # where the payload would write, if a load ever ran it
+
     def __reduce__(self):
-        return (open, ("/tmp/deit-pipe-payload-ran", "w"))
+        return (open, (_Payload.ran, "w"))
 
 
 def test_pickled_objects_are_not_loaded_and_the_unsafe_load_is_never_advised(tmp_path, recwarn):
@@ -185,20 +187,24 @@ def test_pickled_objects_are_not_loaded_and_the_unsafe_load_is_never_advised(tmp
     with no advice to load weights_only=False and no pickle-protocol warning; a text file is not a checkpoint."""
     import pickle
 
+    _Payload.ran = str(tmp_path / "payload-ran")
     files = {"malicious.pth": pickle.dumps({"model": _Payload()}), "bare.pth": pickle.dumps({"w": [1, 2]}),
              "text.pth": b"hello world\n"}
     torch.save({"model": {"x": _NotAWeight()}}, str(tmp_path / "object.pth"))
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    for name in ("malicious.pth", "object.pth", "bare.pth"):
-        with pytest.raises(InputError, match=r"^cannot read weights .*: it holds Python objects other than tensors, "
-                                             r"which a weights-only load refuses to run; save a state dict") as info:
+    with pytest.raises(InputError, match=r"^cannot read weights .*object\.pth: it holds Python objects other than "
+                                         r"tensors, which a weights-only load refuses to run; save a state dict"):
+        read_weights(str(tmp_path / "object.pth"))
+    for name in ("malicious.pth", "bare.pth"):  # pickled with protocol 4, which torch's weights-only reader lacks
+        with pytest.raises(InputError, match=r"^cannot read weights .*: not a checkpoint a weights-only load can "
+                                             r"read \(Unsupported operand \d+\); save a state dict") as info:
             read_weights(str(tmp_path / name))
         assert "weights_only" not in str(info.value)
     with pytest.raises(InputError, match=r"^cannot read weights .*text\.pth: not a torch checkpoint \(KeyError"):
         read_weights(str(tmp_path / "text.pth"))
-    assert not Path("/tmp/deit-pipe-payload-ran").exists()
-    assert [str(w.message) for w in recwarn] == []
+    assert not Path(_Payload.ran).exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
 
 
 def test_an_fp32_teacher_runs_without_tf32_and_bf16_under_autocast():
