@@ -28,13 +28,6 @@ from deit_pipe.storage.shards import ShardSample, read_shard
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
 
 
-def concat_batches(batches: list[ViewBatch]) -> ViewBatch:
-    if len(batches) == 1:
-        return batches[0]
-    fields = ("idx", "v", "images", "label", "partner", "partner_label", "lam", "digest")
-    return ViewBatch(**{f: torch.cat([getattr(b, f) for b in batches]) for f in fields})
-
-
 class RecentlyRead:
     """The last `size` values read, by key: consecutive items of a plan mostly come from one shard."""
 
@@ -112,10 +105,10 @@ class ViewDataset(Dataset):
             for p in pieces
         ]
         if self.store_url is None:
-            return pieces, concat_batches(batches), None
+            return pieces, ViewBatch.cat(batches), None
         stored = [self._joined(p, b) for p, b in zip(pieces, batches, strict=True)]
         targets = StoreEntry.cat(stored)
-        return pieces, concat_batches(batches), targets
+        return pieces, ViewBatch.cat(batches), targets
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import hashlib
 import io
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import pairwise
 
 import numpy as np
@@ -34,6 +34,7 @@ from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.rng import permutation, seed_sequence, seeded_global_rngs
 from deit_pipe.errors import InputError
 from deit_pipe.storage.shards import ShardSample
+from deit_pipe.tensor_fields import TensorFields
 
 
 def decode_rgb(image: bytes) -> Image.Image:
@@ -43,7 +44,7 @@ def decode_rgb(image: bytes) -> Image.Image:
 
 
 @dataclass
-class ViewBatch:
+class ViewBatch(TensorFields):
     """Mixed views with their replay records (one shard and view each, or several joined by a loader)."""
 
     idx: torch.Tensor  # [n] int64
@@ -54,10 +55,6 @@ class ViewBatch:
     partner_label: torch.Tensor  # [n] int64
     lam: torch.Tensor  # [n] float32, weight of the sample's own label
     digest: torch.Tensor  # [n] int64 holding the uint32 pixel digest
-
-    def pin_memory(self) -> ViewBatch:
-        """What DataLoader(pin_memory=True) calls on a batch it does not know the shape of."""
-        return ViewBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
 
 class ViewMaker:

@@ -21,7 +21,7 @@ tail shape of the mean logit vector.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor
 from deit_pipe.errors import InputError
 from deit_pipe.models.precision import inference_precision
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
+from deit_pipe.tensor_fields import TensorFields
 
 _INT8_MAX = 127
 
@@ -84,7 +85,7 @@ class LogitCode:
 
 
 @dataclass(frozen=True)
-class StoreEntry:
+class StoreEntry(TensorFields):
     """What a store holds for n views (the teacher's part of it)."""
 
     topk_logits: Tensor  # [n, k] float16, descending
@@ -105,16 +106,6 @@ class StoreEntry:
         return cls(torch.from_numpy(record.logits[rows]), torch.from_numpy(record.classes[rows].astype("int64")),
                    torch.from_numpy(record.tail_lse[rows]), torch.from_numpy(record.code[rows]))
 
-    def to(self, device) -> StoreEntry:
-        return StoreEntry(*(getattr(self, f.name).to(device) for f in fields(StoreEntry)))
-
-    def pin_memory(self) -> StoreEntry:
-        """What DataLoader(pin_memory=True) calls on a batch it does not know the shape of."""
-        return StoreEntry(*(getattr(self, f.name).pin_memory() for f in fields(StoreEntry)))
-
-    @classmethod
-    def cat(cls, entries: list[StoreEntry]) -> StoreEntry:
-        return cls(*(torch.cat([getattr(e, f.name) for e in entries]) for f in fields(cls)))
 
 
 def rebuilt_logits(entry: StoreEntry, code: LogitCode) -> Tensor:

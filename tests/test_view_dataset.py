@@ -19,7 +19,7 @@ from torchvision.transforms import PILToTensor
 
 from deit_pipe.data import view_dataset
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.view_dataset import EvalDataset, RecentlyRead, ShardReader, ViewDataset, concat_batches
+from deit_pipe.data.view_dataset import EvalDataset, RecentlyRead, ShardReader, ViewDataset
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker
 from deit_pipe.distributed.context import RankContext
@@ -120,7 +120,7 @@ def test_shard_reader_returns_a_shard_in_idx_order_and_keeps_the_last_two(shards
 # ------------------------------------------------------------------------------ training items
 
 
-def test_concat_batches_joins_every_field_in_order():
+def test_joined_batches_hold_every_field_in_order():
     def batch(idxs: list[int], v: int) -> ViewBatch:
         idx = torch.tensor(idxs)
         images = idx.float()[:, None, None, None].expand(-1, 3, 2, 2)
@@ -128,8 +128,8 @@ def test_concat_batches_joins_every_field_in_order():
                          partner_label=idx % 7, lam=idx / 10, digest=idx * 1000)
 
     one = batch([3], 0)
-    assert concat_batches([one]) is one
-    joined = concat_batches([batch([3], 0), batch([5, 4], 2)])
+    assert ViewBatch.cat([one]) is one
+    joined = ViewBatch.cat([batch([3], 0), batch([5, 4], 2)])
     idx = torch.tensor([3, 5, 4])
     assert torch.equal(joined.idx, idx) and torch.equal(joined.v, torch.tensor([0, 2, 2]))
     assert torch.equal(joined.images[:, 0, 0, 0], idx.float()) and joined.images.shape == (3, 3, 2, 2)
