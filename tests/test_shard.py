@@ -432,3 +432,14 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_the_rerun_complete
     monkeypatch.setattr(location.os, "fsync", fsync)
     shard(odd_image_folder.root, dest)
     assert tree(dest) == tree(local_run[0])
+
+
+def test_file_names_with_glob_characters_are_read_as_they_are(two_pngs, tmp_path):
+    """`a/1[0].png` beside `a/10.png`: a glob would read the second for the first."""
+    folder = two_pngs / "a"
+    (folder / "0.png").rename(folder / "1[0].png")
+    (folder / "10.png").write_bytes((folder / "1.png").read_bytes())
+    m = shard(two_pngs, tmp_path / "out")["train"].manifest
+    out = str(tmp_path / "out")
+    by_key = {x.key: x.image for s in range(m.num_shards) for x in read_shard(shard_url(out, "train", s))}
+    assert by_key[safe_key("a/1[0].png")] == (folder / "1[0].png").read_bytes() != (folder / "10.png").read_bytes()
