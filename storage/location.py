@@ -32,7 +32,10 @@ def join(url: str, *parts: str) -> str:
 
 
 def is_local(url: str) -> bool:
-    fs, _ = resolve(url)
+    return _on_local_disk(resolve(url)[0])
+
+
+def _on_local_disk(fs) -> bool:
     return "file" in fs.protocol or "local" in fs.protocol
 
 
@@ -50,21 +53,23 @@ def storage_errors(operation: str, url: str):
         yield
     except FileNotFoundError:
         raise
-    except _ABOUT_THE_INPUT as exc:
-        raise InputError(f"{operation} {url}: {type(exc).__name__}: {_first_line(exc)}") from None
-    except OSError as exc:
-        raise EnvironmentFault(f"{operation} {url} failed ({type(exc).__name__}: {_first_line(exc)}), also on "
-                               f"retrying: rerun with the same arguments (committed work is kept)") from None
     except Exception as exc:
-        # botocore's connection and streaming errors are not OSErrors; its credential errors are the input's.
-        from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
-
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            raise InputError(f"{operation} {url}: {_first_line(exc)}") from None
-        if isinstance(exc, BotoCoreError):
+        if isinstance(exc, _ABOUT_THE_INPUT) or _is_boto(exc, "NoCredentialsError", "PartialCredentialsError"):
+            raise InputError(f"{operation} {url}: {type(exc).__name__}: {_first_line(exc)}") from None
+        # botocore's connection and streaming errors are not OSErrors.
+        if isinstance(exc, OSError) or _is_boto(exc, "BotoCoreError"):
             raise EnvironmentFault(f"{operation} {url} failed ({type(exc).__name__}: {_first_line(exc)}), also on "
                                    f"retrying: rerun with the same arguments (committed work is kept)") from None
         raise
+
+
+def _is_boto(exc: Exception, *names: str) -> bool:
+    """Whether `exc` is one of botocore's named exceptions (botocore comes with the [s3] extra only)."""
+    try:
+        import botocore.exceptions
+    except ImportError:
+        return False
+    return isinstance(exc, tuple(getattr(botocore.exceptions, name) for name in names))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -86,7 +91,7 @@ def read_bytes(url: str) -> bytes:
 def put_atomic(url: str, data: bytes) -> None:
     """Write `data` so that `url` either does not exist or holds all of it."""
     fs, path = resolve(url)
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if _on_local_disk(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -116,7 +121,7 @@ def discard_partial(url: str) -> None:
     """Remove the temporary files a killed put_atomic left beside `url` (local only: an object store
     never shows a half-done PUT). Only the one writer of `url` may call this."""
     fs, path = resolve(url)
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if _on_local_disk(fs):
         for tmp in fs.glob(f"{path}.tmp-*"):
             fs.rm_file(tmp)
 
