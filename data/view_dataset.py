@@ -167,11 +167,11 @@ class EvalDataset(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shard, start, end = self.items[i] if i < len(self.items) else self.padding
+        real = i < len(self.items)
+        shard, start, end = self.items[i] if real else self.padding
         samples = self.reader.samples(shard)[start:end]
         images = torch.stack([self.transform(decode_rgb(s.image)) for s in samples])
-        labels = torch.tensor([s.label if i < len(self.items) else -1 for s in samples], dtype=torch.int64)
-        return images, labels
+        return images, torch.tensor([s.label if real else -1 for s in samples], dtype=torch.int64)
 
 
 def _slices(manifest: ShardManifest, shards: list[int], batch: int) -> list[tuple[int, int, int]]:

@@ -27,9 +27,9 @@ from deit_pipe.storage.manifest import ShardManifest
 def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> float:
     """The mean of every rank's values (ranks may hold different numbers of them; 0-d tensors stay on the device
     until this one reduction)."""
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]) if values else (
-        torch.zeros(0, dtype=torch.float64, device=device))
-    total = torch.stack([stacked.sum(), torch.tensor(float(len(values)), dtype=torch.float64, device=device)])
+    total = torch.tensor([0.0, len(values)], dtype=torch.float64, device=device)
+    for value in values:
+        total[0] += value
     dist.all_reduce(total)
     value_sum, count = total.tolist()
     return value_sum / max(count, 1.0)
