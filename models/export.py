@@ -22,6 +22,7 @@ from deit_pipe.errors import InputError
 from deit_pipe.storage import location
 
 MODEL_NAME_KEY = "model"  # safetensors metadata key holding the timm architecture name
+MODEL_ARGS_KEY = "model_args"  # JSON of the constructor overrides a ViT/DeiT was built with (rebuilds it exactly)
 # Checkpoint layouts that wrap the state dict (DeiT's official checkpoints use {"model": ...}).
 _WRAPPER_KEYS = ("model", "state_dict")
 
@@ -30,9 +31,18 @@ def export_safetensors(model: nn.Module, url: str) -> str:
     """Write the model's state dict to `url` (committed atomically); returns the file's sha256."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {MODEL_NAME_KEY: model.pretrained_cfg["architecture"]} if hasattr(model, "pretrained_cfg") else {}
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+        metadata[MODEL_ARGS_KEY] = json.dumps(vit_args(model), sort_keys=True)
     data = safetensors.torch.save(state, metadata=metadata)
     location.put_atomic(url, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def vit_args(model: nn.Module) -> dict[str, int]:
+    """The timm ViT/DeiT constructor arguments that give `model`'s shapes (read from the model itself)."""
+    img, patch = model.patch_embed.img_size, model.patch_embed.patch_size
+    return {"img_size": img[0], "patch_size": patch[0], "depth": len(model.blocks), "embed_dim": model.embed_dim,
+            "num_heads": model.blocks[0].attn.num_heads, "num_classes": model.num_classes}
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -12,12 +12,16 @@ input of at least 32 px (their total stride) works, e.g. 32x32 Fashion-MNIST vie
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import timm
 from timm.models import is_model_in_modules, split_model_name_tag
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 from torch import Tensor, nn
 
 from deit_pipe.errors import InputError
-from deit_pipe.models.export import MODEL_NAME_KEY, read_weights
+from deit_pipe.models.export import MODEL_ARGS_KEY, MODEL_NAME_KEY, read_weights
 
 # timm modules whose constructors take img_size, patch_size, depth, embed_dim, num_heads.
 VIT_MODULES = ("vision_transformer", "deit")
@@ -105,6 +109,91 @@ def _classifier_sizes(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[s
     }
 
 
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What loading a weights file into a model did."""
+
+    sha256: str
+    fresh_heads: tuple[str, ...] = ()  # classifiers kept freshly initialised: the class count differs
+    pos_grid: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (weights', model's) grid when resampled
+
+    def notes(self, url: str, classes: int) -> list[str]:
+        """What a user should hear about the load (nothing when the weights fit as they are)."""
+        lines = []
+        if self.pos_grid:
+            old, new = ("x".join(map(str, g)) for g in self.pos_grid)
+            lines.append(f"--init {url}: position embeddings resampled from a {old} to a {new} patch grid (timm)")
+        if self.fresh_heads:
+            lines.append(f"--init {url}: new {' and '.join(self.fresh_heads)} for {classes} classes (the weights' "
+                         f"class count differs)")
+        return lines
+
+
+def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = False,
+                 read: tuple[dict[str, Tensor], dict[str, str], str] | None = None) -> LoadedWeights:
+    """Load the weights file at `url` (weights-only, local or fsspec URL) into `model`, which keeps its size.
+
+    A ViT/DeiT goes through timm's own checkpoint filter, which resamples the position embeddings to the model's
+    patch grid as DeiT's fine-tuning does (bicubic, align_corners=False, the class and distillation tokens
+    kept). A classifier whose class count differs is refused, or with `fresh_heads` kept as the model
+    initialised it (DeiT's fine-tuning: both heads of a distilled model). Anything else that does not fit is
+    refused in one line, naming `role` ("teacher weights", "--init weights"). `read`: the file's
+    `read_weights(url)` when the caller has it already."""
+    state_dict, metadata, digest = read or read_weights(url)
+    state_dict = dict(state_dict)  # the caller's copy keeps its tensors
+    arch = split_model_name_tag(model.pretrained_cfg["architecture"])[0]
+    if metadata.get(MODEL_NAME_KEY, arch) != arch:
+        raise InputError(f"{role} {url} are for {metadata[MODEL_NAME_KEY]}, not {arch}")
+    grid = None
+    if is_vit(arch) and state_dict.get("pos_embed") is not None:
+        before = state_dict["pos_embed"].shape
+        # antialias off: DeiT's main.py resamples with plain bicubic interpolation (timm's default antialias
+        # takes PIL's bicubic kernel, other values).
+        state_dict = vit_checkpoint_filter(state_dict, model, antialias=False)
+        if state_dict["pos_embed"].shape != before:
+            prefix = model.num_prefix_tokens
+            old = int(round((before[1] - prefix) ** 0.5))
+            grid = ((old, old), tuple(model.patch_embed.grid_size))
+    fresh = []
+    own = model.state_dict()
+    for classifier, (have, want) in _classifier_sizes(model, state_dict).items():
+        if have != want:
+            if not fresh_heads:
+                raise InputError(f"{role} {url} have {have} classes ({classifier}), the data set has {want}")
+            fresh.append(classifier)
+            for key in (f"{classifier}.weight", f"{classifier}.bias"):
+                state_dict[key] = own[key]
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: the first two lines say which
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise InputError(f"{role} {url} do not fit {arch}: {detail}") from None
+    return LoadedWeights(digest, tuple(fresh), grid)
+
+
+def architecture_args(metadata: dict[str, str]) -> dict[str, int]:
+    """The ViT/DeiT constructor overrides a deit-pipe export was built with (none for other files)."""
+    args = json.loads(metadata.get(MODEL_ARGS_KEY, "{}"))
+    args.pop("num_classes", None)
+    return args
+
+
+def student_from_weights(url: str, num_classes: int, name: str | None = None,
+                         img_size: int | None = None) -> tuple[nn.Module, LoadedWeights]:
+    """The model a weights file holds, rebuilt (architecture and overrides from a deit-pipe export's metadata, or
+    `name` for a timm checkpoint) and loaded, at `img_size` when given (position embeddings resampled)."""
+    read = read_weights(url)
+    name = name or read[1].get(MODEL_NAME_KEY)
+    if name is None:
+        raise InputError(f"{url} does not name its architecture (not a deit-pipe export): pass --model")
+    args = architecture_args(read[1]) if read[1].get(MODEL_NAME_KEY, name) == name else {}
+    if img_size is not None:
+        args["img_size"] = img_size
+    model = create_student(name, num_classes, drop_path_rate=0.0, **args)
+    return model, load_weights(model, url, "weights", read=read)
+
+
 def create_teacher(
     name: str, num_classes: int, weights: str | None, img_size: int | None = None
 ) -> tuple[nn.Module, str]:
@@ -113,23 +202,7 @@ def create_teacher(
     `img_size` is passed to ViT/DeiT teachers and ignored by convnets, which take any size >= 32."""
     overrides = {"img_size": img_size} if is_vit(name) and img_size is not None else {}
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **overrides)
-    digest = NO_WEIGHTS
-    if weights is not None:
-        state_dict, metadata, digest = read_weights(weights)
-        arch = split_model_name_tag(name)[0]
-        if metadata.get(MODEL_NAME_KEY, arch) != arch:
-            raise InputError(f"teacher weights {weights} are for {metadata[MODEL_NAME_KEY]}, not {arch}")
-        for classifier, (have, want) in _classifier_sizes(model, state_dict).items():
-            if have != want:
-                raise InputError(
-                    f"teacher weights {weights} have {have} classes ({classifier}), the data set has {want}"
-                )
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:  # missing/unexpected keys or shapes: the first two lines say which
-            detail = " ".join(line.strip() for line in str(exc).splitlines()[:2])
-            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
-            raise InputError(f"teacher weights {weights} do not fit {name}: {detail}") from None
+    digest = NO_WEIGHTS if weights is None else load_weights(model, weights, "teacher weights").sha256
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,5 +1,6 @@
 """Students and teachers from timm with tiny overrides; teacher weights round trip through export."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,9 @@ def test_exported_weights_load_in_plain_timm(tmp_path, images):
     source = timm.create_model(DEIT, pretrained=False, num_classes=C, **TINY_VIT).eval()
     path = str(tmp_path / "deit.safetensors")
     export_safetensors(source, path)
-    assert read_weights(path)[1] == {"model": DEIT}
+    # The architecture and the constructor arguments, so that `eval` and `--init` rebuild exactly this model.
+    assert read_weights(path)[1] == {"model": DEIT, "model_args": json.dumps({**TINY_VIT, "num_classes": C},
+                                                                             sort_keys=True)}
 
     plain = timm.create_model(DEIT, pretrained=False, num_classes=C, **TINY_VIT).eval()
     plain.load_state_dict(safetensors.torch.load_file(path))
@@ -225,3 +228,79 @@ def test_an_fp32_teacher_runs_without_tf32_and_bf16_under_autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert not torch.is_autocast_enabled("cpu")
     assert device_kind(torch.device("cpu")) == "cpu"
+
+
+def test_init_resamples_position_embeddings_as_deit_fine_tunes(tmp_path):
+    """DeiT-Ti distilled 224 -> 384: the position grid 14x14 -> 24x24 as DeiT's main.py --finetune computes it
+    (written out here: plain bicubic, align_corners=False, the two prefix tokens kept), which is timm's resampler
+    without antialias; every other tensor as timm's own pretrained path (a local file) loads it."""
+    import torch.nn.functional as F
+    from timm.layers import resample_abs_pos_embed
+
+    from deit_pipe.models.registry import load_weights
+
+    source = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    path = str(tmp_path / "deit224.safetensors")
+    export_safetensors(source, path)
+    ours = create_student("deit_tiny_distilled_patch16_224", 1000, img_size=384)
+    loaded = load_weights(ours, path, "--init weights", fresh_heads=True)
+    assert loaded.pos_grid == ((14, 14), (24, 24)) and loaded.fresh_heads == ()
+
+    old = source.pos_embed.detach()
+    grid = old[:, 2:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    deit = torch.cat([old[:, :2], grid.reshape(1, 576, 192)], dim=1)
+    torch.testing.assert_close(ours.pos_embed.detach(), deit, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pos_embed.detach(),
+                               resample_abs_pos_embed(old, (24, 24), num_prefix_tokens=2, antialias=False),
+                               rtol=0, atol=0)
+    via_timm = timm.create_model("deit_tiny_distilled_patch16_224", img_size=384, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=path)).state_dict()
+    for key, value in ours.state_dict().items():
+        if key != "pos_embed":
+            torch.testing.assert_close(value, via_timm[key], rtol=0, atol=0, msg=key)
+    # timm's pretrained path antialiases (PIL's bicubic kernel): the one tensor where DeiT and timm part.
+    assert not torch.equal(via_timm["pos_embed"], deit)
+
+
+def test_init_with_another_class_count_gets_fresh_heads_and_names_them(tmp_path, images):
+    from deit_pipe.models.registry import load_weights, student_from_weights
+
+    source = create_student(DEIT, C, **TINY_VIT)
+    path = str(tmp_path / "ten.safetensors")
+    export_safetensors(source, path)
+    torch.manual_seed(1)
+    five = create_student(DEIT, 5, **TINY_VIT)
+    fresh = {k: v.clone() for k, v in five.state_dict().items() if k.startswith("head")}
+    loaded = load_weights(five, path, "--init weights", fresh_heads=True)
+    assert loaded.fresh_heads == ("head", "head_dist") and loaded.pos_grid is None
+    assert loaded.notes(path, 5) == [f"--init {path}: new head and head_dist for 5 classes (the weights' class "
+                                     f"count differs)"]
+    state = five.state_dict()
+    for key, value in source.state_dict().items():
+        want = fresh[key] if key.startswith("head") else value
+        torch.testing.assert_close(state[key], want, rtol=0, atol=0, msg=key)
+    # The export rebuilds itself from its metadata alone, at another size too.
+    rebuilt, _ = student_from_weights(path, C)
+    assert (rebuilt.patch_embed.img_size, len(rebuilt.blocks), rebuilt.embed_dim) == ((32, 32), 2, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(images), source.eval()(images))
+    bigger, loaded = student_from_weights(path, C, img_size=48)
+    assert bigger.patch_embed.grid_size == (12, 12) and loaded.pos_grid == ((8, 8), (12, 12))
+
+
+def test_bad_init_weights_are_refused_in_one_line(tmp_path):
+    from deit_pipe.models.registry import load_weights, student_from_weights
+
+    path = str(tmp_path / "regnet.safetensors")
+    export_safetensors(timm.create_model(REGNET, pretrained=False, num_classes=C), path)
+    with pytest.raises(InputError, match=rf"^--init weights {path} are for regnetx_002, not {DEIT}$"):
+        load_weights(create_student(DEIT, C, **TINY_VIT), path, "--init weights", fresh_heads=True)
+    torch.save(timm.create_model(REGNET, pretrained=False, num_classes=C).state_dict(), tmp_path / "regnet.pth")
+    with pytest.raises(InputError, match=rf"^--init weights .*regnet\.pth do not fit {DEIT}: Error"):
+        load_weights(create_student(DEIT, C, **TINY_VIT), str(tmp_path / "regnet.pth"), "--init weights",
+                     fresh_heads=True)
+    with pytest.raises(InputError, match=r"does not name its architecture \(not a deit-pipe export\): pass --model"):
+        student_from_weights(str(tmp_path / "regnet.pth"), C)
+    with pytest.raises(InputError, match="weights file not found"):
+        student_from_weights(str(tmp_path / "missing.safetensors"), C)
