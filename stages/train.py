@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
+from timm.models import split_model_name_tag
 from tqdm import tqdm
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction, check
@@ -39,7 +40,17 @@ from deit_pipe.distributed.deepspeed_engine import EngineSpec, param_digest
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import CachedTeacher, LogitCode, OnlineTeacher, StoreEntry, served_kl
-from deit_pipe.models.registry import create_student, create_teacher, is_distilled, is_vit, set_distilled_training
+from deit_pipe.models.export import MODEL_NAME_KEY, read_weights
+from deit_pipe.models.registry import (
+    architecture_args,
+    check_architecture,
+    create_student,
+    create_teacher,
+    is_distilled,
+    is_vit,
+    load_weights,
+    set_distilled_training,
+)
 from deit_pipe.optim.schedule import LRSchedule, adamw
 from deit_pipe.reporting import metrics
 from deit_pipe.reporting.metrics import Evaluation
@@ -59,6 +70,16 @@ class StudentSpec:
     num_heads: int | None = None
     drop_path: float = 0.1
 
+    def with_architecture_of(self, metadata: dict[str, str]) -> StudentSpec:
+        """The overrides not given taken from --init weights of the same architecture (a deit-pipe export records
+        them), so a fine-tune names only what changes (--img-size)."""
+        if metadata.get(MODEL_NAME_KEY) != split_model_name_tag(self.name)[0]:
+            return self
+        args = architecture_args(metadata)
+        given = {k: args[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
+                 if getattr(self, k) is None and k in args}
+        return replace(self, **given)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -66,6 +87,7 @@ class TrainConfig:
     output: str
     store: str | None = None  # cached teacher targets; required for soft/hard unless teacher_online
     student: StudentSpec = field(default_factory=StudentSpec)
+    init: str | None = None  # weights the student starts from (a fine-tune, a transfer); a resume ignores them
     distillation: str = "hard"  # none | soft | hard
     alpha: float = 0.5
     tau: float = 1.0
@@ -102,6 +124,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     """(view recipe, the teacher store or None) after refusing bad input; cheap, so a launcher runs it before
     starting any rank and each rank runs it again."""
     cfg.engine.config()  # refuses a bad --zero, --precision or --ds-config
+    if cfg.init:
+        check_architecture(read_weights(cfg.init)[1], cfg.student.name, cfg.init, "--init weights")
     manifest = ShardManifest.load(cfg.shards, "train")
     if cfg.repeats < 1:
         raise InputError(f"--repeats must be at least 1, not {cfg.repeats}")
@@ -175,6 +199,9 @@ class StudentRun:
         deepspeed_engine.init_distributed(self.device)
         manifest = ShardManifest.load(cfg.shards, "train")
         self.num_classes = len(manifest.classes)
+        self.init = read_weights(cfg.init) if cfg.init else None
+        self.init_sha256 = self.init[2] if self.init else None
+        self.student = cfg.student.with_architecture_of(self.init[1] if self.init else {})
         self.workers = cfg.workers if cfg.workers is not None else loader_workers(self.ctx)
         self.data = TrainViews(cfg.shards, manifest, ViewMaker(self.recipe, "train"),
                                partial(epoch_plan, cfg, manifest, self.ctx.world_size), self.ctx.rank, cfg.seed,
@@ -196,7 +223,7 @@ class StudentRun:
         self.records = RunRecords(cfg.output, self.ctx, _jsonable(asdict(cfg)))
 
     def build_student(self) -> torch.nn.Module:
-        s = self.cfg.student
+        s = self.student
         # A ViT student is built for the recipe's view size; convnets take any size.
         img_size = self.recipe.img_size if is_vit(s.name) else None
         return create_student(s.name, self.num_classes, img_size=img_size, patch_size=s.patch_size, depth=s.depth,
@@ -216,6 +243,12 @@ class StudentRun:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial student on every rank and in every run of this config
         model = self.build_student()
+        if self.init is not None and self.resume is None:
+            loaded = load_weights(model, cfg.init, "--init weights", fresh_heads=True, read=self.init)
+            if self.ctx.is_main:
+                for line in loaded.notes(cfg.init, self.num_classes):
+                    print(line, flush=True)
+        self.init = None  # the weights are in the model now (or in the checkpoint a resume loads)
         if cfg.distillation != "none" or is_distilled(model):
             # Distilled training mode returns both heads; with loss "none" both learn from the labels.
             set_distilled_training(model, True)
@@ -263,7 +296,8 @@ class StudentRun:
         self.records.rank_state({"rank": self.ctx.rank, "world_size": self.ctx.world_size, "total_steps": total_steps,
                                  "param_sha256": param_digest(self.engine, cfg.engine.zero)})
         result = {"completed": completed, "total_steps": total_steps, "wall_s": seconds,
-                  "teacher_target_kl": self.target_kl, "images_per_s": images / max(seconds, 1e-9)}
+                  "teacher_target_kl": self.target_kl, "images_per_s": images / max(seconds, 1e-9),
+                  "init_sha256": self.init_sha256}
         if not completed:
             return result
         self.checkpoints.export(self.engine, cfg.engine.zero, self.build_student,

@@ -511,3 +511,83 @@ def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
     assert loss.item() == pytest.approx((0.5 * base + 0.5 * distill).item(), rel=1e-5)
     assert run.engine.steps == 1 and len(run.engine.backward_losses) == 1
     assert positions == [1]  # DeiT steps the cosine after each epoch: epoch 2 trains at its value at 1
+
+
+# ---------------------------------------------------------------------------------------- --init
+
+
+def test_bad_init_weights_are_refused_in_one_line(data, tmp_path, capsys):
+    """Missing, another architecture, a pickle that would run code: refused before any rank starts."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload-ran"), "w"))
+
+    (tmp_path / "malicious.pth").write_bytes(pickle.dumps({"model": Payload()}))
+    argv = ["train", data["shards"], "-o", str(tmp_path / "run"), "--logits", data["store"], *REFERENCE]
+    assert "weights file not found" in one_line_error(capsys, [*argv, "--init", str(tmp_path / "missing.pth")])
+    assert one_line_error(capsys, [*argv, "--init", data["weights"]]).endswith(
+        f"--init weights {data['weights']} are for regnetx_002, not deit_tiny_distilled_patch16_224")
+    assert "not a checkpoint a weights-only load can read" in one_line_error(
+        capsys, [*argv, "--init", str(tmp_path / "malicious.pth")])
+    assert not (tmp_path / "payload-ran").exists()
+
+
+FINE_TUNE = ["--distillation", "none", "--img-size", "48", "--repeats", "3", "--batch-size", "8", "--workers", "0",
+             "--warmup-epochs", "0", "--lr", "0.01", "--min-lr", "0.01", "--weight-decay", "1e-8", "--epochs", "2",
+             "--zero", "2", "--precision", "fp32", "--checkpoint-every", "2"]
+
+
+@pytest.mark.slow
+def test_a_fine_tune_at_48px_resumes_after_sigkill_bit_identically(data, reference, tmp_path):
+    """DeiT's fine-tune recipe shape (constant lr, weight decay 1e-8) at 48 px from the 32 px reference export,
+    the architecture taken from the export; killed mid run and resumed, it ends equal to the unbroken fine-tune."""
+    init = str(reference / "student.safetensors")
+    argv = ["train", data["shards"], "--model", "deit_tiny_distilled_patch16_224", "--init", init, *FINE_TUNE]
+    unbroken = tmp_path / "unbroken"
+    proc = deit_pipe(*argv, "-o", str(unbroken))
+    assert f"--init {init}: position embeddings resampled from a 8x8 to a 12x12 patch grid (timm)" in proc.stdout
+    result = json.loads((unbroken / "results.json").read_text())
+    assert result["init_sha256"] == hashlib.sha256(Path(init).read_bytes()).hexdigest()
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *argv, "-o", str(out), "--nproc-per-node", "2"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and int(latest.read_text().strip().removeprefix("global_step") or 0) >= 8:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and not (out / "student.safetensors").exists()
+    deit_pipe(*argv, "-o", str(out), "--resume")
+    assert_ranks_agree(out, 2)
+    assert rank_states(out) == rank_states(unbroken)
+    assert (safetensors.torch.load_file(str(out / "student.safetensors")).keys()
+            == safetensors.torch.load_file(str(unbroken / "student.safetensors")).keys())
+    assert (out / "student.safetensors").read_bytes() == (unbroken / "student.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_transfer_from_10_to_5_classes_gets_fresh_heads_and_trains(data, reference, fmnist_folder, tmp_path):
+    five = tmp_path / "five-classes"
+    for split in ("train", "val"):
+        for folder in sorted((fmnist_folder / split).iterdir())[:5]:
+            shutil.copytree(folder, five / split / folder.name)
+    shards = tmp_path / "shards5"
+    main(["shard", str(five), str(shards), "--samples-per-shard", "25", "--workers", "1"])
+    init = str(reference / "student.safetensors")
+    out = tmp_path / "transfer"
+    proc = deit_pipe("train", str(shards), "-o", str(out), "--init", init, *FINE_TUNE, "--img-size", "32",
+                     "--lr", "0.05", "--min-lr", "0.05", "--epochs", "3")
+    assert f"--init {init}: new head and head_dist for 5 classes (the weights' class count differs)" in proc.stdout
+    assert "resampled" not in proc.stdout
+    student = safetensors.torch.load_file(str(out / "student.safetensors"))
+    assert student["head.weight"].shape == student["head_dist.weight"].shape == (5, 48)
+    # It trained from the init: every backbone tensor moved (AdamW steps), and 3 epochs were evaluated.
+    start = safetensors.torch.load_file(init)
+    assert all(not torch.equal(student[k], start[k]) for k in ("patch_embed.proj.weight", "pos_embed",
+                                                                 "blocks.1.mlp.fc2.weight"))
+    assert [row["epoch"] for row in metrics(out)] == [0, 1, 2]
