@@ -129,6 +129,14 @@ class LoadedWeights:
         return lines
 
 
+def check_architecture(metadata: dict[str, str], name: str, url: str, role: str) -> str:
+    """`name`'s architecture, refused when a deit-pipe export names another one."""
+    arch = split_model_name_tag(name)[0]
+    if metadata.get(MODEL_NAME_KEY, arch) != arch:
+        raise InputError(f"{role} {url} are for {metadata[MODEL_NAME_KEY]}, not {arch}")
+    return arch
+
+
 def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = False,
                  read: tuple[dict[str, Tensor], dict[str, str], str] | None = None) -> LoadedWeights:
     """Load the weights file at `url` (weights-only, local or fsspec URL) into `model`, which keeps its size.
@@ -141,9 +149,7 @@ def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = Fals
     `read_weights(url)` when the caller has it already."""
     state_dict, metadata, digest = read or read_weights(url)
     state_dict = dict(state_dict)  # the caller's copy keeps its tensors
-    arch = split_model_name_tag(model.pretrained_cfg["architecture"])[0]
-    if metadata.get(MODEL_NAME_KEY, arch) != arch:
-        raise InputError(f"{role} {url} are for {metadata[MODEL_NAME_KEY]}, not {arch}")
+    arch = check_architecture(metadata, model.pretrained_cfg["architecture"], url, role)
     grid = None
     if is_vit(arch) and state_dict.get("pos_embed") is not None:
         before = state_dict["pos_embed"].shape

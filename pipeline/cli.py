@@ -224,6 +224,11 @@ def train(
         help="timm student: a *_distilled_* DeiT, or any model with --distillation none.")] = (
         "deit_tiny_distilled_patch16_224"
     ),
+    init: Annotated[str | None, typer.Option(
+        help="Start the student from these weights (DeiT's --finetune): a deit-pipe export or a timm "
+        ".safetensors/.pth, local or fsspec URL, loaded weights-only. Another --img-size resamples the position "
+        "embeddings (timm's checkpoint filter), another class count gets fresh heads (both for a distilled DeiT); "
+        "ViT overrides not given (--patch-size, --depth, ...) are the export's own. Ignored by --resume.")] = None,
     distillation: Annotated[Distillation, typer.Option(
         help="DeiT's distillation type: hard (the teacher's top-1; DeiT's choice), soft (KL at --tau) or none.")
     ] = Distillation.hard,
@@ -288,6 +293,7 @@ def train(
     cfg = stage.TrainConfig(
         shards=shards, output=output, store=logits,
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
+        init=init,
         distillation=distillation, alpha=alpha, tau=tau, max_target_kl=max_target_kl,
         soft_reduction=soft_reduction, teacher_online=teacher_online, teacher_weights=teacher_weights,
         teacher_precision=teacher_precision,
