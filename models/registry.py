@@ -114,7 +114,7 @@ class LoadedWeights:
     """What loading a weights file into a model did."""
 
     sha256: str
-    fresh_heads: tuple[str, ...] = ()  # classifiers kept freshly initialised: the class count differs
+    fresh_heads: tuple[str, ...] = ()  # classifiers kept as the model initialised them
     pos_grid: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (weights', model's) grid when resampled
 
     def notes(self, url: str, classes: int) -> list[str]:
@@ -124,8 +124,7 @@ class LoadedWeights:
             old, new = ("x".join(map(str, g)) for g in self.pos_grid)
             lines.append(f"--init {url}: position embeddings resampled from a {old} to a {new} patch grid (timm)")
         if self.fresh_heads:
-            lines.append(f"--init {url}: new {' and '.join(self.fresh_heads)} for {classes} classes (the weights' "
-                         f"class count differs)")
+            lines.append(f"--init {url}: new {' and '.join(self.fresh_heads)} for {classes} classes")
         return lines
 
 
@@ -137,14 +136,15 @@ def check_architecture(metadata: dict[str, str], name: str, url: str, role: str)
     return arch
 
 
-def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = False,
+def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = False, new_heads: bool = False,
                  read: tuple[dict[str, Tensor], dict[str, str], str] | None = None) -> LoadedWeights:
     """Load the weights file at `url` (weights-only, local or fsspec URL) into `model`, which keeps its size.
 
     A ViT/DeiT goes through timm's own checkpoint filter, which resamples the position embeddings to the model's
     patch grid as DeiT's fine-tuning does (bicubic, align_corners=False, the class and distillation tokens
     kept). A classifier whose class count differs is refused, or with `fresh_heads` kept as the model
-    initialised it (DeiT's fine-tuning: both heads of a distilled model). Anything else that does not fit is
+    initialised it (DeiT's fine-tuning: both heads of a distilled model); `new_heads` keeps them so whatever the
+    class count (a transfer to other classes). Anything else that does not fit is
     refused in one line, naming `role` ("teacher weights", "--init weights"). `read`: the file's
     `read_weights(url)` when the caller has it already."""
     state_dict, metadata, digest = read or read_weights(url)
@@ -163,9 +163,9 @@ def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = Fals
     fresh = []
     own = model.state_dict()
     for classifier, (have, want) in _classifier_sizes(model, state_dict).items():
-        if have != want:
-            if not fresh_heads:
-                raise InputError(f"{role} {url} have {have} classes ({classifier}), the data set has {want}")
+        if have != want and not fresh_heads:
+            raise InputError(f"{role} {url} have {have} classes ({classifier}), the data set has {want}")
+        if have != want or new_heads:
             fresh.append(classifier)
             for key in (f"{classifier}.weight", f"{classifier}.bias"):
                 state_dict[key] = own[key]

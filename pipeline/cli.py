@@ -229,6 +229,9 @@ def train(
         ".safetensors/.pth, local or fsspec URL, loaded weights-only. Another --img-size resamples the position "
         "embeddings (timm's checkpoint filter), another class count gets fresh heads (both for a distilled DeiT); "
         "ViT overrides not given (--patch-size, --depth, ...) are the export's own. Ignored by --resume.")] = None,
+    new_head: Annotated[bool, typer.Option(
+        help="With --init: start the classifier(s) fresh even when the class count matches (a transfer to a data "
+        "set with other classes).")] = False,
     distillation: Annotated[Distillation, typer.Option(
         help="DeiT's distillation type: hard (the teacher's top-1; DeiT's choice), soft (KL at --tau) or none.")
     ] = Distillation.hard,
@@ -293,7 +296,7 @@ def train(
     cfg = stage.TrainConfig(
         shards=shards, output=output, store=logits,
         student=stage.StudentSpec(model, patch_size, depth, embed_dim, num_heads, drop_path),
-        init=init,
+        init=init, new_head=new_head,
         distillation=distillation, alpha=alpha, tau=tau, max_target_kl=max_target_kl,
         soft_reduction=soft_reduction, teacher_online=teacher_online, teacher_weights=teacher_weights,
         teacher_precision=teacher_precision,

@@ -88,6 +88,7 @@ class TrainConfig:
     store: str | None = None  # cached teacher targets; required for soft/hard unless teacher_online
     student: StudentSpec = field(default_factory=StudentSpec)
     init: str | None = None  # weights the student starts from (a fine-tune, a transfer); a resume ignores them
+    new_head: bool = False  # the --init weights' classifiers are dropped even for as many classes (a transfer)
     distillation: str = "hard"  # none | soft | hard
     alpha: float = 0.5
     tau: float = 1.0
@@ -244,7 +245,8 @@ class StudentRun:
         torch.manual_seed(cfg.seed)  # the same initial student on every rank and in every run of this config
         model = self.build_student()
         if self.init is not None and self.resume is None:
-            loaded = load_weights(model, cfg.init, "--init weights", fresh_heads=True, read=self.init)
+            loaded = load_weights(model, cfg.init, "--init weights", fresh_heads=True, new_heads=cfg.new_head,
+                                  read=self.init)
             if self.ctx.is_main:
                 for line in loaded.notes(cfg.init, self.num_classes):
                     print(line, flush=True)

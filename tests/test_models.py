@@ -274,8 +274,16 @@ def test_init_with_another_class_count_gets_fresh_heads_and_names_them(tmp_path,
     fresh = {k: v.clone() for k, v in five.state_dict().items() if k.startswith("head")}
     loaded = load_weights(five, path, "--init weights", fresh_heads=True)
     assert loaded.fresh_heads == ("head", "head_dist") and loaded.pos_grid is None
-    assert loaded.notes(path, 5) == [f"--init {path}: new head and head_dist for 5 classes (the weights' class "
-                                     f"count differs)"]
+    assert loaded.notes(path, 5) == [f"--init {path}: new head and head_dist for 5 classes"]
+    # --new-head: fresh classifiers for as many classes too (a transfer to other classes).
+    same = create_student(DEIT, C, **TINY_VIT)
+    before = same.head.weight.detach().clone()
+    assert load_weights(same, path, "--init weights", fresh_heads=True, new_heads=True).fresh_heads == (
+        "head", "head_dist")
+    assert torch.equal(same.head.weight, before) and torch.equal(same.blocks[0].attn.qkv.weight,
+                                                                  source.blocks[0].attn.qkv.weight)
+    assert load_weights(same, path, "--init weights", fresh_heads=True).fresh_heads == ()
+    assert torch.equal(same.head.weight, source.head.weight)
     state = five.state_dict()
     for key, value in source.state_dict().items():
         want = fresh[key] if key.startswith("head") else value
