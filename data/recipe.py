@@ -119,15 +119,20 @@ class ViewRecipe:
             transform.transforms[0] = transforms.RandomCrop(self.img_size, padding=4, pad_if_needed=True)
         return transform
 
-    def eval_transform(self):
-        """timm's eval transform (resize to img_size/0.875, center crop, normalise) for validation images;
-        small images are not resized (DeiT), only padded to img_size when smaller (28 px Fashion-MNIST)."""
+    def eval_transform(self, crop_pct: float | None = None, crop_mode: str | None = None):
+        """timm's eval transform (resize to img_size / crop_pct, centre crop, normalise) for validation images;
+        small images are not resized (DeiT), only padded to img_size when smaller (28 px Fashion-MNIST).
+
+        crop_pct and crop_mode default to timm's (0.875, as DeiT's main.py, and "center"): what a training run
+        evaluates with; `deit-pipe eval` passes the model's own, as timm's validate.py does."""
         transform = create_transform(
             input_size=self.img_size,
             is_training=False,
             interpolation=self.interpolation,
             mean=self.mean,
             std=self.std,
+            crop_pct=crop_pct,
+            crop_mode=crop_mode,
         )
         if self.img_size <= SMALL_IMAGES:
             transform.transforms[:2] = [transforms.CenterCrop(self.img_size)]

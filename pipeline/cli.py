@@ -318,6 +318,53 @@ def train(
         typer.echo(json.dumps(result["final"]))
 
 
+@app.command("eval")
+def evaluate(
+    shards: Annotated[str, typer.Argument(help="Shard root written by `deit-pipe shard` (any fsspec URL).")],
+    weights: Annotated[str, typer.Argument(help=(
+        "Weights to score: a deit-pipe export (student.safetensors, whose metadata rebuilds the model) or a timm "
+        "checkpoint (.safetensors or .pth state dict, with --model); local path or fsspec URL, loaded weights-only."))],
+    model: Annotated[str | None, typer.Option(help=(
+        "timm architecture of a checkpoint that does not name its own (timm's .pth/.safetensors); a deit-pipe "
+        "export names its own."))] = None,
+    img_size: Annotated[int | None, typer.Option(min=1, help=(
+        "Evaluate at this size instead of the weights' own: a ViT/DeiT is rebuilt for it (position embeddings "
+        "resampled, as DeiT's fine-tuning does), a convnet takes it as it is."))] = None,
+    split: Split = "val",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch and rank.")] = 64,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Loader worker processes per rank (default: the node's cores per local rank, less one).")
+    ] = None,
+    precision: Annotated[Precision, typer.Option(
+        help="fp32, or bf16: model and images cast to bf16, as a bf16 training run evaluates.")] = Precision.fp32,
+    output: Annotated[str | None, typer.Option("--output", "-o", help=(
+        "Where the JSON report goes (local path or fsspec URL); default beside the weights, "
+        "<weights without extension>.eval.json."))] = None,
+    nproc_per_node: Annotated[int, typer.Option(
+        help="Start this many local ranks (via torchrun); leave 0 when launched by torchrun/deepspeed/srun.")] = 0,
+) -> None:
+    """Top-1/top-5 of WEIGHTS on a split of SHARDS: the averaged heads, and each head of a distilled DeiT.
+
+    Images are resized and centre-cropped with the model's crop_pct, interpolation, mean and std, as timm's
+    validate.py does; images of <= 32 px are only centre-cropped or padded, as a training run evaluates them.
+    Prints a table and writes the report (scores, weights sha256, model, size, crop_pct, ranks) as JSON.
+    """
+    from deit_pipe.stages import evaluate as stage
+
+    cfg = stage.EvalConfig(shards, weights, model, img_size, split, batch_size, workers, precision, output)
+    if nproc_per_node:
+        from deit_pipe.pipeline.launch import relaunch_under_torchrun
+
+        # Bad input is refused here, as one line, before any rank starts.
+        stage.prepare(cfg)
+        relaunch_under_torchrun(nproc_per_node)
+        return
+    report = stage.run(cfg)
+    if report is not None:
+        for line in stage.summary(report):
+            typer.echo(line)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[str, typer.Argument(help="Output folder: data, shards, teacher store, runs, results, plots.")] = (
