@@ -330,6 +330,9 @@ def evaluate(
     img_size: Annotated[int | None, typer.Option(min=1, help=(
         "Evaluate at this size instead of the weights' own: a ViT/DeiT is rebuilt for it (position embeddings "
         "resampled, as DeiT's fine-tuning does), a convnet takes it as it is."))] = None,
+    crop_pct: Annotated[float | None, typer.Option(min=0.1, max=1.0, help=(
+        "Resize to img-size / crop-pct before the centre crop (default: the model's, from timm's config, as "
+        "validate.py; DeiT's main.py and train's evaluation use 0.875)."))] = None,
     split: Split = "val",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch and rank.")] = 64,
     workers: Annotated[int | None, typer.Option(
@@ -351,7 +354,7 @@ def evaluate(
     """
     from deit_pipe.stages import evaluate as stage
 
-    cfg = stage.EvalConfig(shards, weights, model, img_size, split, batch_size, workers, precision, output)
+    cfg = stage.EvalConfig(shards, weights, model, img_size, crop_pct, split, batch_size, workers, precision, output)
     if nproc_per_node:
         from deit_pipe.pipeline.launch import relaunch_under_torchrun
 

@@ -42,6 +42,7 @@ class EvalConfig:
     weights: str
     model: str | None = None  # the timm architecture of a checkpoint without deit-pipe metadata
     img_size: int | None = None  # evaluate at this size instead of the weights' own
+    crop_pct: float | None = None  # None: the model's (timm's pretrained config); DeiT's main.py evaluates at 0.875
     split: str = "val"
     batch_size: int = 64  # images per batch and rank
     workers: int | None = None  # loader processes per rank; None: as train's
@@ -81,7 +82,7 @@ def prepare(cfg: EvalConfig) -> EvalInputs:
         # A ViT is built for one patch grid: rebuilt for img_size, its position embeddings resampled. A convnet
         # takes any size as it is.
         model, weights = student_from_weights(cfg.weights, len(manifest.classes), cfg.model, cfg.img_size)
-    transform, data_config = model_transform(model, cfg.img_size)
+    transform, data_config = model_transform(model, cfg.img_size, cfg.crop_pct)
     try:  # before the evaluation, not after it
         check_writable(os.path.dirname(cfg.output_url) or ".")
     except InputError as exc:
@@ -89,13 +90,15 @@ def prepare(cfg: EvalConfig) -> EvalInputs:
     return EvalInputs(manifest, model, weights, transform, data_config)
 
 
-def model_transform(model: nn.Module, img_size: int | None = None) -> tuple[Callable, dict]:
+def model_transform(model: nn.Module, img_size: int | None = None,
+                    crop_pct: float | None = None) -> tuple[Callable, dict]:
     """timm validate.py's eval transform for `model`, and the data config it is built from: the model's input size
     (a convnet's `img_size` when given), with the crop_pct, crop mode, interpolation, mean and std of its
-    pretrained config (the test-time ones where it has them, as validate.py). Built by the recipe's eval transform,
-    so images of <= 32 px follow its small-image rule as a training run's evaluation does."""
+    pretrained config (the test-time ones where it has them, as validate.py), or `crop_pct` when given. Built by
+    the recipe's eval transform, so images of <= 32 px follow its small-image rule as a training run's evaluation
+    does."""
     try:
-        config = resolve_input_data_config(model, {"img_size": img_size}, use_test_size=True)
+        config = resolve_input_data_config(model, {"img_size": img_size, "crop_pct": crop_pct}, use_test_size=True)
     except ValueError as exc:  # a fixed-size model other than a ViT/DeiT, asked for another size
         raise InputError(f"--img-size {img_size}: {exc}") from None
     recipe = ViewRecipe(img_size=config["input_size"][-1], mean=config["mean"], std=config["std"],

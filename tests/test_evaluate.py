@@ -146,6 +146,11 @@ def test_the_transform_is_timms_validate_transform(name):
     ours, _ = evaluate.model_transform(model)
     photo = Image.open(PHOTO).convert("RGB")
     assert torch.equal(ours(photo), timms(photo))
+    # --crop-pct 0.875 (DeiT's main.py and train's evaluation) is timm's transform with that crop_pct.
+    deits = create_transform(**resolve_data_config({"crop_pct": 0.875}, model=model), is_training=False)
+    ours, config = evaluate.model_transform(model, crop_pct=0.875)
+    assert config["crop_pct"] == 0.875 and torch.equal(ours(photo), deits(photo))
+    assert not torch.equal(deits(photo), timms(photo))
 
 
 @pytest.mark.slow
