@@ -1,7 +1,7 @@
 """The GPU check that bench/gpu.sh runs: one table of what runs where users run deit-pipe.
 
 1. inference images/s of DeiT-Ti/S/B and the RegNetY-16GF teacher at 224 (DeiT's Table 1 column; V100 there),
-   bf16 autocast, one batch size for all;
+   bf16 autocast, each with the largest batch that fits (`deit-pipe throughput`'s measurement);
 2. `teacher-logits` with regnety_160 at 224 in its default precision (bf16 on a GPU), views/s of the whole stage
    against the teacher's bare forward on as many views (goal >= 0.9), loader workers on the node's cores;
 3. `train --zero 2 --precision bf16` DeiT-S images/s with cached targets / no distillation / the online teacher
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,49 +30,21 @@ import loader as loader_bench  # noqa: E402
 import train as train_bench  # noqa: E402
 from photos import write_folder  # noqa: E402
 
-# DeiT's Table 1 (V100, images/s) beside ours.
-PAPER = {"deit_tiny_patch16_224": 2536, "deit_small_patch16_224": 940, "deit_base_patch16_224": 292,
-         "regnety_160": 334}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def forward_images_per_s(model: torch.nn.Module, batch: int, img_size: int, device: torch.device, iters: int) -> float:
-    images = torch.randn(batch, 3, img_size, img_size, device=device)
-    model = model.to(device).eval()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for _ in range(3):
-            model(images)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(images)
-        sync(device)
-    return iters * batch / (time.perf_counter() - start)
-
 
 def inference(args, device: torch.device) -> list[tuple[str, str]]:
-    from deit_pipe.models.registry import create_student, create_teacher
+    from deit_pipe.stages import throughput
 
-    rows = []
-    for name in ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "regnety_160"):
-        if name.startswith("regnet"):
-            model = create_teacher(name, 1000, None, img_size=args.img_size)[0]
-        else:
-            model = create_student(name, 1000, img_size=args.img_size)
-        speed = forward_images_per_s(model, args.infer_batch, args.img_size, device, args.iters)
-        rows.append((f"inference {name}", f"{speed:.0f} images/s (paper, V100: {PAPER[name]})"))
-        del model
-    return rows
+    options = throughput.ThroughputOptions(img_size=args.img_size, batch=args.infer_batch, iters=args.iters)
+    report = throughput.run(throughput.DEFAULT_MODELS, str(device), options)
+    return [(f"inference {row['model']}", f"{row['images_per_s']:.0f} images/s at batch {row['batch']} "
+             f"(paper, V100: {row['paper_v100']})") for row in report["models"]]
 
 
 def teacher_logits(args, device: torch.device, shards: str, store: str, weights: str) -> list[tuple[str, str]]:
     from deit_pipe.data.recipe import ViewRecipe
     from deit_pipe.models.registry import create_teacher
     from deit_pipe.stages import teacher_logits as stage
+    from deit_pipe.stages.throughput import AUTOCAST_DTYPES, images_per_s
     from deit_pipe.storage.manifest import ShardManifest
 
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -83,7 +54,8 @@ def teacher_logits(args, device: torch.device, shards: str, store: str, weights:
               views=args.views, batch_size=args.batch, workers=args.workers, device=device.type)
     staged = views / (time.perf_counter() - start)
     model = create_teacher(args.teacher, 10, weights, img_size=args.img_size)[0]
-    bare = forward_images_per_s(model, args.batch, args.img_size, device, max(1, views // args.batch))
+    bare = images_per_s(model, args.batch, args.img_size, device, AUTOCAST_DTYPES[precision], warmup=3,
+                        iters=max(1, views // args.batch))
     return [(f"teacher-logits {args.teacher} {precision}", f"{staged:.0f} views/s, bare forward {bare:.0f}: "
              f"ratio {staged / bare:.3f} (goal >= 0.9)")]
 
@@ -122,12 +94,13 @@ def main() -> None:
         sizes = dict(img_size=64, images=24, infer_batch=2, iters=1, batch=4, views=3, workers=1, rounds=1, warmup=1,
                      steps=2, teacher="regnetx_002", student="deit_tiny_distilled_patch16_224")
     else:
-        sizes = dict(img_size=224, images=1500, infer_batch=256, iters=10, batch=128, views=3,
+        sizes = dict(img_size=224, images=1500, infer_batch=None, iters=10, batch=128, views=3,
                      workers=max(1, cores - 2), rounds=3, warmup=5, steps=20, teacher="regnety_160",
                      student="deit_small_distilled_patch16_224")
     args = argparse.Namespace(**vars(args), **sizes)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    rows = [("machine", f"{name}, {cores} cores, torch {torch.__version__}")]
+    from deit_pipe.stages.throughput import machine
+
+    rows = [("machine", f"{machine(device)}, torch {torch.__version__}")]
     t0 = time.time()
     rows += inference(args, device)
     print(*rows, sep="\n", flush=True)

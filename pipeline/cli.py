@@ -368,6 +368,41 @@ def evaluate(
             typer.echo(line)
 
 
+@app.command("throughput")
+def throughput(
+    models: Annotated[list[str] | None, typer.Option(
+        "--models", help="timm model to time (repeatable; default DeiT-Ti/S/B and the RegNetY-16GF teacher, "
+        "DeiT's Table 1). Random weights: nothing is downloaded.")] = None,
+    img_size: Annotated[int | None, typer.Option(min=1, help=(
+        "Image size in pixels for every model (default: each model's own, 224 for Table 1's). Convnets take any "
+        "size >= 32; ViT/DeiT are built for it."))] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help=(
+        "Fixed batch size. Default: on a GPU the largest power of two that fits (DeiT timed the largest that "
+        "fits), on a CPU 64 (memory does not limit a CPU)."))] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="On a GPU, stop doubling the batch here.")] = 1024,
+    dtype: Annotated[str, typer.Option(help=(
+        "GPU autocast dtype: bf16, fp16 or fp32 (no autocast). A CPU always runs fp32."))] = "bf16",
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed batches before the timed ones.")] = 3,
+    iters: Annotated[int, typer.Option(min=1, help="Timed batches per model.")] = 10,
+    threads: Annotated[int | None, typer.Option(min=1, help=(
+        "torch threads on a CPU (default: every core this process may use)."))] = None,
+    device: Annotated[str | None, typer.Option(help="torch device: cpu, cuda or cuda:N (default: a GPU if one is "
+                                               "visible).")] = None,
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Also write the report as JSON here (local path or fsspec URL).")] = None,
+) -> None:
+    """Inference images/s of each model on this machine (DeiT's Table 1 column), beside DeiT's V100 numbers and
+    timm's published ones; prints a markdown table naming the machine."""
+    from deit_pipe.stages import throughput as stage
+    from deit_pipe.storage.location import put_atomic
+
+    options = stage.ThroughputOptions(img_size, batch, max_batch, dtype, warmup, iters, threads)
+    report = stage.run(tuple(models or stage.DEFAULT_MODELS), device, options)
+    if json_path:
+        put_atomic(json_path, json.dumps(report, indent=1).encode())
+    typer.echo(stage.table(report))
+
+
 @app.command("demo")
 def demo(
     out: Annotated[str, typer.Argument(help="Output folder: data, shards, teacher store, runs, results, plots.")] = (
