@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from evaluation import agree_within_one_image, exported_hits, val_images
 
 from deit_pipe.pipeline import demo
@@ -19,7 +18,7 @@ from deit_pipe.storage.teacher_store import TeacherStore
 TINY = demo.DemoConfig(train_images=120, val_images=40, samples_per_shard=30, teacher_epochs=1, student_epochs=1,
                        repeats=1, student=("deit_tiny_distilled_patch16_224", "--patch-size", "8", "--depth", "1",
                                            "--embed-dim", "32", "--num-heads", "2"),
-                       batch_size=16, workers=0)
+                       batch_size=16, workers=0, fine_tune_epochs=1, transfer_epochs=1)
 
 
 @pytest.mark.slow
@@ -32,27 +31,36 @@ def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bu
     teacher_store = TeacherStore.open(store, "train")
     assert teacher_store.committed_units() == {(s, 0) for s in range(4)}  # 120 images / 30, one view each
     stores = results["stores"]
-    assert stores["store"]["views"] == stores["store_k2"]["views"] == 120
+    assert set(stores) == {"store", "store_fine_tune", "store_digits"}  # no top-2 store without its student
+    assert stores["store"]["views"] == stores["store_fine_tune"]["views"] == 120
+    assert (stores["store"]["img_size"], stores["store_fine_tune"]["img_size"]) == (32, 48)
     assert (stores["store"]["k"], stores["store"]["code_rank"]) == (10, 10)
-    assert (stores["store_k2"]["k"], stores["store_k2"]["code_rank"]) == (2, 0)
-    assert (TeacherStore.open(f"{store}-k2", "train").attrs["code_error"]["kl_mean"][1]
-            == [1.0, stores["store_k2"]["kl_tau1"]])
-    assert set(results["students"]) == set(demo.STUDENT_RUNS)
+    assert stores["store_digits"]["views"] == 1498 and stores["store_digits"]["img_size"] == 48  # 1797 - val 299
+    assert set(results["students"]) == set(demo.DemoConfig().students)
+    # The fine-tune starts from the best student, at 48 px; the transfers from the fine-tuned one, new heads.
+    best = max(results["students"], key=lambda name: results["students"][name]["avg_top1"])
+    assert results["best_student"] == best
+    fine_tune = json.loads((out / "runs" / "fine_tune" / "results.json").read_text())
+    assert fine_tune["config"]["init"] == str(out / "runs" / best / "student.safetensors")
+    assert fine_tune["config"]["student"]["depth"] is None  # the architecture came from the export
+    for name in ("transfer_none", "transfer_hard"):
+        config = json.loads((out / "runs" / name / "results.json").read_text())["config"]
+        assert config["init"].endswith("fine_tune/student.safetensors") and config["new_head"]
     # Each reported top-1 (the teacher's; each student's averaged heads and each head) is what the exported
-    # weights score on the 40 val images, counted here with timm alone: the teacher in fp32, the students in
-    # bf16 as they ran (on 2 ranks in batches of 16, so rounding may move one near-tie).
+    # weights score on the 40 val images, counted here with timm alone, in fp32 as they ran (on 2 ranks in batches
+    # of 16, so rounding may move one near-tie).
     images, labels = val_images(shards, TINY.img_size)
     hits = exported_hits(out / "runs" / "teacher" / "student.safetensors", TINY.teacher, {}, images, labels)
     assert agree_within_one_image(results["teacher"], hits, len(labels)), (results["teacher"], hits)
     # TINY.student's flags as timm's arguments
     overrides = {"img_size": TINY.img_size, **{f[2:].replace("-", "_"): int(x) for f, x in
                                                zip(TINY.student[1::2], TINY.student[2::2], strict=True)}}
-    for name in demo.STUDENT_RUNS:
-        hits = exported_hits(out / "runs" / name / "student.safetensors", TINY.student[0], overrides, images, labels,
-                             torch.bfloat16)
+    for name in results["students"]:
+        hits = exported_hits(out / "runs" / name / "student.safetensors", TINY.student[0], overrides, images, labels)
         assert agree_within_one_image(results["students"][name], hits, len(labels)), (name, results, hits)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert "| hard_online |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| hard_online |" in table and "| transfer_hard: " in table
     assert (out / "students_top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The rerun finds every step's output and starts no command; the results come out the same.
