@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deit_pipe.data.schedule import EpochPlan, rank_items
 from deit_pipe.data.view_plan import ViewPiece
@@ -111,7 +111,37 @@ class ViewDataset(Dataset):
         return pieces, ViewBatch.cat(batches), targets
 
 
-@dataclass(frozen=True)
+class EpochSteps(Sampler):
+    """The (epoch, step) items of one loader pass, set before each pass: one persistent loader, whose workers
+    keep their processes and caches, serves every epoch."""
+
+    def __init__(self):
+        self.epoch, self.steps = 0, range(0)
+
+    def set(self, epoch: int, steps: range) -> None:
+        self.epoch, self.steps = epoch, steps
+
+    def __iter__(self):
+        return ((self.epoch, step) for step in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class EpochViews(Dataset):
+    """Item (epoch, i): item i of the epoch's plan, which each worker computes once per epoch."""
+
+    def __init__(self, views: ViewDataset, plan_of: Callable[[int], list[list[ViewPiece]]]):
+        self.views, self.plan_of, self.epoch = views, plan_of, None
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, i = item
+        if epoch != self.epoch:
+            self.views.plan, self.epoch = self.plan_of(epoch), epoch
+        return self.views[i]
+
+
+@dataclass
 class TrainViews:
     """One rank's training batches, epoch by epoch: its share of each epoch's view schedule (data.schedule),
     rebuilt from the shards and, when targets are cached, joined with the store's rows."""
@@ -128,16 +158,25 @@ class TrainViews:
     workers: int
     pin_memory: bool = False  # a GPU run: batches in page-locked memory, so its non_blocking copies overlap
 
+    def __post_init__(self):
+        self._steps = EpochSteps()
+        dataset = EpochViews(ViewDataset(self.shards, self.maker, [], self.store_url), self.rank_plan)
+        # Persistent workers: started once per run, not once per epoch (and their shard caches survive).
+        self._loader = DataLoader(dataset, batch_size=None, sampler=self._steps, num_workers=self.workers,
+                                  prefetch_factor=4 if self.workers else None, pin_memory=self.pin_memory,
+                                  persistent_workers=self.workers > 0)
+
     def steps_in(self, epoch: int) -> int:
         return self.plans(epoch).steps
 
+    def rank_plan(self, epoch: int) -> list[list[ViewPiece]]:
+        return rank_items(self.maker, self.manifest, self.plans(epoch), self.rank, self.seed, self.store_views,
+                          self.allow_view_reuse)
+
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`."""
-        plan = rank_items(self.maker, self.manifest, self.plans(epoch), self.rank, self.seed, self.store_views,
-                          self.allow_view_reuse)
-        dataset = ViewDataset(self.shards, self.maker, plan, self.store_url)
-        return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(plan)), num_workers=self.workers,
-                          prefetch_factor=4 if self.workers else None, pin_memory=self.pin_memory)
+        self._steps.set(epoch, range(start_step, len(self.rank_plan(epoch))))
+        return self._loader
 
 
 class EvalDataset(Dataset):

@@ -65,17 +65,17 @@ class Evaluation:
 
     def __init__(self, shards: str, manifest: ShardManifest, ctx: RankContext, transform, batch_size: int,
                  workers: int, distilled: bool, device: torch.device):
-        self.shards, self.manifest, self.ctx = shards, manifest, ctx
-        self.transform, self.batch_size, self.workers, self.device = transform, batch_size, workers, device
+        self.device = device
         self.heads = ("avg", "cls", "dist") if distilled else ("avg",)
+        data = EvalDataset.for_rank(shards, manifest, ctx, transform, batch_size)
+        # Persistent workers: started at the first evaluation, not at every one.
+        self.loader = DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda")
 
     def __call__(self, engine, zero: int) -> dict[str, float]:
-        # A dataset per evaluation: the shards it reads are not kept in memory between epochs.
-        data = EvalDataset.for_rank(self.shards, self.manifest, self.ctx, self.transform, self.batch_size)
         module = engine.module
         module.eval()
         with full_parameters(engine, zero):
-            result = accuracy(module, DataLoader(data, batch_size=None, num_workers=self.workers), self.heads,
-                              self.device, input_dtype(engine))
+            result = accuracy(module, self.loader, self.heads, self.device, input_dtype(engine))
         module.train()
         return result
