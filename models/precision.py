@@ -1,8 +1,9 @@
-"""The precision a teacher runs in: bf16 autocast, or exact fp32.
+"""How a teacher runs: its precision (bf16 autocast, or exact fp32) and its memory layout.
 
 On a GPU, torch runs fp32 convolutions through cuDNN in TF32 by default (10-bit mantissa inputs), so an
 "fp32" teacher on a GPU would not agree with the same teacher on a CPU beyond the third digit; exact fp32
-turns TF32 off for the scope.
+turns TF32 off for the scope. A convnet teacher on a GPU runs channels_last (cuDNN's NHWC kernels); on a CPU
+it keeps the layout every existing CPU-made store was computed in.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+from deit_pipe.models.registry import is_vit
 
 
 @contextmanager
@@ -24,6 +27,13 @@ def inference_precision(device: torch.device, precision: str):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def teacher_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The teacher on `device`: channels_last weights for a convnet on a GPU, which makes cuDNN run every
+    convolution in NHWC (the input follows the weights)."""
+    convnet_on_gpu = device.type == "cuda" and not is_vit(model.pretrained_cfg["architecture"])
+    return model.to(device, memory_format=torch.channels_last if convnet_on_gpu else torch.preserve_format)
 
 
 def device_kind(device: torch.device) -> str:

@@ -34,7 +34,7 @@ from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext, rank_device
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
-from deit_pipe.models.precision import device_kind, inference_precision
+from deit_pipe.models.precision import device_kind, inference_precision, teacher_on
 from deit_pipe.models.registry import create_teacher
 from deit_pipe.storage.location import check_writable
 from deit_pipe.storage.manifest import ShardManifest
@@ -167,7 +167,7 @@ def run(
         raise InputError(f"--topk {k} must be between 1 and the number of classes ({num_classes})")
     dev = rank_device(device, ctx)
     model, weights_sha = create_teacher(teacher.name, num_classes, teacher.weights, img_size=recipe.img_size)
-    model.to(dev).eval()
+    model = teacher_on(model, dev).eval()
     binding = store_binding(manifest, recipe.hash(), teacher_binding(teacher, weights_sha, recipe), num_classes, k,
                             code.binding(manifest.num_samples, num_classes))
     maker = ViewMaker(recipe, split)

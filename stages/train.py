@@ -35,12 +35,13 @@ from deit_pipe.data.view_dataset import TrainViews
 from deit_pipe.data.views import ViewBatch, ViewMaker
 from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.checkpoint import Checkpoints
-from deit_pipe.distributed.context import RankContext
+from deit_pipe.distributed.context import RankContext, loader_workers
 from deit_pipe.distributed.deepspeed_engine import EngineSpec, param_digest
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import CachedTeacher, LogitCode, OnlineTeacher, StoreEntry, served_kl
 from deit_pipe.models.export import MODEL_NAME_KEY, read_weights
+from deit_pipe.models.precision import teacher_on
 from deit_pipe.models.registry import (
     architecture_args,
     check_architecture,
@@ -178,12 +179,6 @@ def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, Teacher
     return recipe, store
 
 
-def loader_workers(ctx: RankContext) -> int:
-    """The cores of this node shared among its ranks, less one each for the rank's own process: a GPU rank is
-    fed by its workers alone (views are rebuilt on the CPU, about 8 ms each at 224 px)."""
-    return max(1, len(os.sched_getaffinity(0)) // ctx.local_world_size - 1)
-
-
 def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch: int) -> EpochPlan:
     return EpochPlan(manifest.num_samples, epoch, cfg.repeats, world_size, cfg.engine.micro_batch,
                      cfg.engine.grad_accum)
@@ -238,7 +233,7 @@ class StudentRun:
             return CachedTeacher(LogitCode.of_store(store), cfg.tau, self.device)
         model, _ = create_teacher(cfg.teacher_online, self.num_classes, cfg.teacher_weights,
                                   img_size=self.recipe.img_size)
-        return OnlineTeacher(model.to(self.device), cfg.tau, cfg.teacher_precision or cfg.engine.precision)
+        return OnlineTeacher(teacher_on(model, self.device), cfg.tau, cfg.teacher_precision or cfg.engine.precision)
 
     def _engine(self):
         cfg = self.cfg

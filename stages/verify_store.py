@@ -22,6 +22,7 @@ from deit_pipe.data.views import ViewMaker
 from deit_pipe.distributed.context import RankContext, rank_device
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
+from deit_pipe.models.precision import teacher_on
 from deit_pipe.models.registry import NO_WEIGHTS, create_teacher
 from deit_pipe.stages.teacher_logits import teacher_logits
 from deit_pipe.storage.manifest import ShardManifest
@@ -61,7 +62,7 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
         # Past this check the weights are the store's: a model exists exactly when the teacher is re-run.
         model, sha = create_teacher(teacher["name"], len(manifest.classes), teacher_weights, img_size=recipe.img_size)
         store.check_binding({"teacher": {"weights_sha256": sha}})
-        model.to(dev)
+        model = teacher_on(model, dev)
 
     chosen = [committed[i] for i in sorted(permutation(len(committed), "verify-store")[:units])]
     maker = ViewMaker(recipe, split)

@@ -312,3 +312,25 @@ def test_bad_init_weights_are_refused_in_one_line(tmp_path):
         student_from_weights(str(tmp_path / "regnet.pth"), C)
     with pytest.raises(InputError, match="weights file not found"):
         student_from_weights(str(tmp_path / "missing.safetensors"), C)
+
+
+def test_a_convnet_teacher_runs_channels_last_on_a_gpu_and_as_it_was_on_a_cpu(monkeypatch, images):
+    """cuDNN's NHWC kernels for a convnet teacher on a GPU (the input follows the weights' layout); a ViT, and
+    any teacher on a CPU, keep their layout, so CPU-made stores stay what they were."""
+    from deit_pipe.models.precision import teacher_on
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    calls = []
+    for name, overrides in ((REGNET, {}), (DEIT, {"img_size": 32})):
+        model = create_teacher(name, C, None, **overrides)[0]
+        monkeypatch.setattr(model, "to", lambda *args, name=name, model=model, **kw: calls.append((name, args, kw))
+                            or model)
+        teacher_on(model, cuda)
+        teacher_on(model, cpu)
+    assert calls == [(REGNET, (cuda,), {"memory_format": torch.channels_last}),
+                     (REGNET, (cpu,), {"memory_format": torch.preserve_format}),
+                     (DEIT, (cuda,), {"memory_format": torch.preserve_format}),
+                     (DEIT, (cpu,), {"memory_format": torch.preserve_format})]
+    model = create_teacher(REGNET, C, None)[0]
+    placed = teacher_on(model, cpu)
+    assert all(p.is_contiguous() for p in placed.parameters())
