@@ -27,11 +27,10 @@ from deit_pipe.choices import Precision, check
 from deit_pipe.data.recipe import SMALL_IMAGES, ViewRecipe
 from deit_pipe.data.view_dataset import EvalDataset
 from deit_pipe.distributed import deepspeed_engine
-from deit_pipe.distributed.context import RankContext
+from deit_pipe.distributed.context import RankContext, loader_workers
 from deit_pipe.errors import InputError
 from deit_pipe.models.registry import LoadedWeights, is_distilled, is_vit, student_from_weights
 from deit_pipe.reporting.metrics import accuracy
-from deit_pipe.stages.train import loader_workers
 from deit_pipe.storage.location import check_writable, put_atomic
 from deit_pipe.storage.manifest import ShardManifest
 

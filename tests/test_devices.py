@@ -146,7 +146,7 @@ def test_nproc_per_node_refuses_several_nodes_and_a_launched_rank(env):
 
 
 def test_loader_workers_share_the_nodes_cores_among_its_ranks(monkeypatch):
-    from deit_pipe.stages.train import loader_workers
+    from deit_pipe.distributed.context import loader_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
     assert loader_workers(RankContext(0, 16, 0, 8)) == 7  # 8 cores per GPU rank: 7 workers and the rank
