@@ -18,7 +18,7 @@ from deit_pipe.storage.teacher_store import TeacherStore
 TINY = demo.DemoConfig(train_images=120, val_images=40, samples_per_shard=30, teacher_epochs=1, student_epochs=1,
                        repeats=1, student=("deit_tiny_distilled_patch16_224", "--patch-size", "8", "--depth", "1",
                                            "--embed-dim", "32", "--num-heads", "2"),
-                       batch_size=16, workers=0, fine_tune_epochs=1, transfer_epochs=1)
+                       batch_size=16, workers=0, fine_tune_epochs=1, teacher_fine_tune_epochs=1, transfer_epochs=1)
 
 
 @pytest.mark.slow
