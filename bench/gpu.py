@@ -53,7 +53,10 @@ def teacher_logits(args, device: torch.device, shards: str, store: str, weights:
     stage.run(shards, store, stage.TeacherSpec(args.teacher, weights, precision), ViewRecipe(img_size=args.img_size),
               views=args.views, batch_size=args.batch, workers=args.workers, device=device.type)
     staged = views / (time.perf_counter() - start)
-    model = create_teacher(args.teacher, 10, weights, img_size=args.img_size)[0]
+    from deit_pipe.models.precision import teacher_on
+
+    # In the layout the stage runs it in (channels_last for a convnet on a GPU).
+    model = teacher_on(create_teacher(args.teacher, 10, weights, img_size=args.img_size)[0], device)
     bare = images_per_s(model, args.batch, args.img_size, device, AUTOCAST_DTYPES[precision], warmup=3,
                         iters=max(1, views // args.batch))
     return [(f"teacher-logits {args.teacher} {precision}", f"{staged:.0f} views/s, bare forward {bare:.0f}: "

@@ -175,7 +175,7 @@ class TrainViews:
 
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`."""
-        self._steps.set(epoch, range(start_step, len(self.rank_plan(epoch))))
+        self._steps.set(epoch, range(start_step, self.steps_in(epoch)))
         return self._loader
 
 

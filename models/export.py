@@ -16,13 +16,18 @@ import warnings
 
 import safetensors.torch
 import torch
+from timm.models import is_model_in_modules
 from torch import Tensor, nn
 
 from deit_pipe.errors import InputError
 from deit_pipe.storage import location
 
-MODEL_NAME_KEY = "model"  # safetensors metadata key holding the timm architecture name
-MODEL_ARGS_KEY = "model_args"  # JSON of the constructor overrides a ViT/DeiT was built with (rebuilds it exactly)
+# The safetensors metadata key naming the model: the timm architecture, or for a ViT/DeiT the JSON of it and the
+# constructor arguments it was built with (which rebuild it exactly). One key: safetensors writes metadata keys
+# in no fixed order, and an export's bytes (its sha256, which a teacher store binds) must not vary.
+MODEL_NAME_KEY = "model"
+# timm modules whose constructors take img_size, patch_size, depth, embed_dim, num_heads.
+VIT_MODULES = ("vision_transformer", "deit")
 # Checkpoint layouts that wrap the state dict (DeiT's official checkpoints use {"model": ...}).
 _WRAPPER_KEYS = ("model", "state_dict")
 
@@ -30,9 +35,11 @@ _WRAPPER_KEYS = ("model", "state_dict")
 def export_safetensors(model: nn.Module, url: str) -> str:
     """Write the model's state dict to `url` (committed atomically); returns the file's sha256."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {MODEL_NAME_KEY: model.pretrained_cfg["architecture"]} if hasattr(model, "pretrained_cfg") else {}
-    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
-        metadata[MODEL_ARGS_KEY] = json.dumps(vit_args(model), sort_keys=True)
+    metadata = {}
+    if hasattr(model, "pretrained_cfg"):
+        name = model.pretrained_cfg["architecture"]
+        vit = is_model_in_modules(name, VIT_MODULES)
+        metadata[MODEL_NAME_KEY] = json.dumps({"name": name, "args": vit_args(model)}, sort_keys=True) if vit else name
     data = safetensors.torch.save(state, metadata=metadata)
     location.put_atomic(url, data)
     return hashlib.sha256(data).hexdigest()
@@ -43,6 +50,15 @@ def vit_args(model: nn.Module) -> dict[str, int]:
     img, patch = model.patch_embed.img_size, model.patch_embed.patch_size
     return {"img_size": img[0], "patch_size": patch[0], "depth": len(model.blocks), "embed_dim": model.embed_dim,
             "num_heads": model.blocks[0].attn.num_heads, "num_classes": model.num_classes}
+
+
+def exported_model(metadata: dict[str, str]) -> tuple[str | None, dict[str, int]]:
+    """(timm architecture or None, constructor arguments) a weights file's metadata names."""
+    value = metadata.get(MODEL_NAME_KEY)
+    if value is None or not value.startswith("{"):
+        return value, {}
+    named = json.loads(value)
+    return named["name"], named["args"]
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

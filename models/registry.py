@@ -12,7 +12,6 @@ input of at least 32 px (their total stride) works, e.g. 32x32 Fashion-MNIST vie
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import timm
@@ -21,10 +20,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 from torch import Tensor, nn
 
 from deit_pipe.errors import InputError
-from deit_pipe.models.export import MODEL_ARGS_KEY, MODEL_NAME_KEY, read_weights
+from deit_pipe.models.export import VIT_MODULES, exported_model, read_weights
 
-# timm modules whose constructors take img_size, patch_size, depth, embed_dim, num_heads.
-VIT_MODULES = ("vision_transformer", "deit")
 NO_WEIGHTS = "none"  # the weights digest of a randomly initialised teacher
 
 
@@ -131,28 +128,38 @@ class LoadedWeights:
 def check_architecture(metadata: dict[str, str], name: str, url: str, role: str) -> str:
     """`name`'s architecture, refused when a deit-pipe export names another one."""
     arch = split_model_name_tag(name)[0]
-    if metadata.get(MODEL_NAME_KEY, arch) != arch:
-        raise InputError(f"{role} {url} are for {metadata[MODEL_NAME_KEY]}, not {arch}")
+    named = exported_model(metadata)[0]
+    if named not in (None, arch):
+        raise InputError(f"{role} {url} are for {named}, not {arch}")
     return arch
 
 
 def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = False, new_heads: bool = False,
+                 resample: bool = False,
                  read: tuple[dict[str, Tensor], dict[str, str], str] | None = None) -> LoadedWeights:
     """Load the weights file at `url` (weights-only, local or fsspec URL) into `model`, which keeps its size.
 
-    A ViT/DeiT goes through timm's own checkpoint filter, which resamples the position embeddings to the model's
-    patch grid as DeiT's fine-tuning does (bicubic, align_corners=False, the class and distillation tokens
-    kept). A classifier whose class count differs is refused, or with `fresh_heads` kept as the model
-    initialised it (DeiT's fine-tuning: both heads of a distilled model); `new_heads` keeps them so whatever the
-    class count (a transfer to other classes). Anything else that does not fit is
-    refused in one line, naming `role` ("teacher weights", "--init weights"). `read`: the file's
-    `read_weights(url)` when the caller has it already."""
+    With `resample`, a ViT/DeiT goes through timm's own checkpoint filter, which resamples the position
+    embeddings to the model's patch grid as DeiT's fine-tuning does (bicubic, align_corners=False, the class and
+    distillation tokens kept); without, another grid is refused. Another patch size is always refused (DeiT's
+    load fails on it; timm's filter would resample the patch kernel). A classifier whose class count differs is
+    refused, or with `fresh_heads` kept as the model initialised it (DeiT's fine-tuning: both heads of a
+    distilled model); `new_heads` keeps them so whatever the class count (a transfer to other classes).
+    Anything else that does not fit is refused in one line, naming `role` ("teacher weights", "--init
+    weights"). `read`: the file's `read_weights(url)` when the caller has it already."""
     state_dict, metadata, digest = read or read_weights(url)
     state_dict = dict(state_dict)  # the caller's copy keeps its tensors
     arch = check_architecture(metadata, model.pretrained_cfg["architecture"], url, role)
     grid = None
     if is_vit(arch) and state_dict.get("pos_embed") is not None:
+        kernel = state_dict.get("patch_embed.proj.weight")
+        if kernel is not None and kernel.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
+            raise InputError(f"{role} {url} have patch size {kernel.shape[-1]}, the model "
+                             f"{model.patch_embed.proj.weight.shape[-1]}: pass --patch-size {kernel.shape[-1]}")
         before = state_dict["pos_embed"].shape
+        if before[1] != model.pos_embed.shape[1] and not resample:
+            raise InputError(f"{role} {url} are for another image size (position embeddings {tuple(before)}, the "
+                             f"model's {tuple(model.pos_embed.shape)})")
         # antialias off: DeiT's main.py resamples with plain bicubic interpolation (timm's default antialias
         # takes PIL's bicubic kernel, other values).
         state_dict = vit_checkpoint_filter(state_dict, model, antialias=False)
@@ -180,7 +187,7 @@ def load_weights(model: nn.Module, url: str, role: str, fresh_heads: bool = Fals
 
 def architecture_args(metadata: dict[str, str]) -> dict[str, int]:
     """The ViT/DeiT constructor overrides a deit-pipe export was built with (none for other files)."""
-    args = json.loads(metadata.get(MODEL_ARGS_KEY, "{}"))
+    args = dict(exported_model(metadata)[1])
     args.pop("num_classes", None)
     return args
 
@@ -190,14 +197,15 @@ def student_from_weights(url: str, num_classes: int, name: str | None = None,
     """The model a weights file holds, rebuilt (architecture and overrides from a deit-pipe export's metadata, or
     `name` for a timm checkpoint) and loaded, at `img_size` when given (position embeddings resampled)."""
     read = read_weights(url)
-    name = name or read[1].get(MODEL_NAME_KEY)
+    named = exported_model(read[1])[0]
+    name = name or named
     if name is None:
         raise InputError(f"{url} does not name its architecture (not a deit-pipe export): pass --model")
-    args = architecture_args(read[1]) if read[1].get(MODEL_NAME_KEY, name) == name else {}
+    args = architecture_args(read[1]) if named in (None, name) else {}
     if img_size is not None:
         args["img_size"] = img_size
     model = create_student(name, num_classes, drop_path_rate=0.0, **args)
-    return model, load_weights(model, url, "weights", read=read)
+    return model, load_weights(model, url, "weights", resample=True, read=read)
 
 
 def create_teacher(

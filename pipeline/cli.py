@@ -228,7 +228,8 @@ def train(
         help="Start the student from these weights (DeiT's --finetune): a deit-pipe export or a timm "
         ".safetensors/.pth, local or fsspec URL, loaded weights-only. Another --img-size resamples the position "
         "embeddings (timm's checkpoint filter), another class count gets fresh heads (both for a distilled DeiT); "
-        "ViT overrides not given (--patch-size, --depth, ...) are the export's own. Ignored by --resume.")] = None,
+        "ViT overrides not given (--patch-size, --depth, ...) are the export's own; the size is --img-size or the "
+        "store's. A --resume loads its checkpoint instead of these weights (give the same arguments).")] = None,
     new_head: Annotated[bool, typer.Option(
         help="With --init: start the classifier(s) fresh even when the class count matches (a transfer to a data "
         "set with other classes).")] = False,

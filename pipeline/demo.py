@@ -243,7 +243,6 @@ def write_results(out: str, cfg: DemoConfig, best: str, stores: dict[str, str]) 
                 "views": views, "bytes_per_view": store.nbytes_stored() / views, "kl_tau1": kl[1.0], "kl_tau3": kl[3.0],
                 "img_size": store.attrs["provenance"]["recipe"]["img_size"]}
 
-    steps = [p for p in Path(out, "steps").glob("*.wall_s")]
     results = {
         "config": asdict(cfg),
         "teacher": summary("teacher"),
@@ -251,7 +250,10 @@ def write_results(out: str, cfg: DemoConfig, best: str, stores: dict[str, str]) 
         "best_student": best,
         "later": {name: summary(name) for name in LATER_RUNS},
         "stores": {name: store_summary(url) for name, url in stores.items()},
-        "steps_wall_s": sum(float(p.read_text()) for p in steps),
+        # This configuration's steps only: an output folder reused by another configuration keeps others.
+        "steps_wall_s": sum(float(Path(_wall_time_file(out, step)).read_text())
+                            for step in ("shard", "shard_digits", "teacher", *stores, *cfg.students, *LATER_RUNS)
+                            if os.path.exists(_wall_time_file(out, step))),
     }
     with open(join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -40,7 +40,7 @@ from deit_pipe.distributed.deepspeed_engine import EngineSpec, param_digest
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import CachedTeacher, LogitCode, OnlineTeacher, StoreEntry, served_kl
-from deit_pipe.models.export import MODEL_NAME_KEY, read_weights
+from deit_pipe.models.export import exported_model, read_weights
 from deit_pipe.models.precision import teacher_on
 from deit_pipe.models.registry import (
     architecture_args,
@@ -74,7 +74,7 @@ class StudentSpec:
     def with_architecture_of(self, metadata: dict[str, str]) -> StudentSpec:
         """The overrides not given taken from --init weights of the same architecture (a deit-pipe export records
         them), so a fine-tune names only what changes (--img-size)."""
-        if metadata.get(MODEL_NAME_KEY) != split_model_name_tag(self.name)[0]:
+        if exported_model(metadata)[0] != split_model_name_tag(self.name)[0]:
             return self
         args = architecture_args(metadata)
         given = {k: args[k] for k in ("patch_size", "depth", "embed_dim", "num_heads")
@@ -241,7 +241,7 @@ class StudentRun:
         model = self.build_student()
         if self.init is not None and self.resume is None:
             loaded = load_weights(model, cfg.init, "--init weights", fresh_heads=True, new_heads=cfg.new_head,
-                                  read=self.init)
+                                  resample=True, read=self.init)
             if self.ctx.is_main:
                 for line in loaded.notes(cfg.init, self.num_classes):
                     print(line, flush=True)

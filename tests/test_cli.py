@@ -6,36 +6,25 @@ from __future__ import annotations
 import os
 
 import pytest
+from cli_run import run
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction, check
 from deit_pipe.distributed.deepspeed_engine import EngineSpec
 from deit_pipe.errors import InputError
 from deit_pipe.loss.deit import DISTILLATION_MODES, SOFT_REDUCTIONS
-from deit_pipe.pipeline.cli import main
 from deit_pipe.stages.teacher_logits import TeacherSpec
 from deit_pipe.stages.train import TrainConfig
 
 
-def run(capsys, *argv: str) -> tuple[int, str]:
-    """(exit status, stdout + stderr) of the CLI in this process."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 def test_help_lists_every_choice(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps help at the terminal width
-    code, text = run(capsys, "train", "--help")
+    code, text, _ = run(capsys, "train", "--help")
     assert code == 0
     for flag, choices in (("--distillation", "none|soft|hard"), ("--soft-reduction", "sum_numel|batchmean"),
                           ("--precision", "bf16|fp32"), ("--teacher-precision", "bf16|fp32")):
         line = next(line for line in text.splitlines() if line.strip("│ ").startswith(f"{flag} "))
         assert f"<{choices}>" in line or f"[{choices}]" in line, line
-    _, text = run(capsys, "teacher-logits", "--help")
+    _, text, _ = run(capsys, "teacher-logits", "--help")
     assert "bf16|fp32" in text
 
 
@@ -45,8 +34,8 @@ def test_help_lists_every_choice(capsys, monkeypatch):
     (["--zero", "4"], "--zero"),
 ])
 def test_a_value_outside_the_choices_is_a_usage_error(capsys, tmp_path, argv, refused):
-    code, text = run(capsys, "train", str(tmp_path / "no-shards"), "-o", str(tmp_path / "out"), *argv)
-    assert code == 2 and refused in text and "Traceback" not in text
+    code, out, err = run(capsys, "train", str(tmp_path / "no-shards"), "-o", str(tmp_path / "out"), *argv)
+    assert code == 2 and refused in out + err and "Traceback" not in out + err
     assert not (tmp_path / "out").exists()  # refused before any work
 
 

@@ -19,6 +19,7 @@ import matplotlib
 import pytest
 import timm
 import torch
+from cli_run import one_line_error
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
@@ -72,15 +73,6 @@ def printed_scores(stdout: str) -> dict[str, float]:
     return scores
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err and err.startswith("deit-pipe: error: ")
-    return err
-
-
 def test_eval_of_an_export_equals_the_last_eval_of_its_training_run(data):
     weights = data["run"] / "student.safetensors"
     proc = cli("eval", data["shards"], str(weights), "--workers", "0")
@@ -126,7 +118,7 @@ def test_weights_for_another_class_count_are_refused(data, tmp_path, capsys, kin
 
 
 def test_another_img_size_resamples_the_position_grid_and_is_recorded(data, tmp_path):
-    """48 px: the export's 8x8 patch grid resampled to 12x12, the images resized at DeiT's own crop_pct."""
+    """48 px: the export's 8x8 patch grid resampled to 12x12, the images resized at timm's crop_pct for DeiT (0.9)."""
     output = tmp_path / "at48.json"
     proc = cli("eval", data["shards"], str(data["run"] / "student.safetensors"), "--img-size", "48", "--workers", "0",
                "-o", str(output))

@@ -1,6 +1,8 @@
 """Students and teachers from timm with tiny overrides; teacher weights round trip through export."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,8 +113,14 @@ def test_exported_weights_load_in_plain_timm(tmp_path, images):
     path = str(tmp_path / "deit.safetensors")
     export_safetensors(source, path)
     # The architecture and the constructor arguments, so that `eval` and `--init` rebuild exactly this model.
-    assert read_weights(path)[1] == {"model": DEIT, "model_args": json.dumps({**TINY_VIT, "num_classes": C},
-                                                                             sort_keys=True)}
+    # One metadata key (safetensors orders several differently from run to run): the export's bytes repeat.
+    assert read_weights(path)[1] == {"model": json.dumps({"args": {**TINY_VIT, "num_classes": C}, "name": DEIT},
+                                                         sort_keys=True)}
+    script = ("import sys, timm, torch; from deit_pipe.models.export import export_safetensors; torch.manual_seed(0); "
+              f"export_safetensors(timm.create_model({DEIT!r}, num_classes={C}, **{TINY_VIT!r}), sys.argv[1])")
+    for copy in ("a.safetensors", "b.safetensors"):  # two processes: safetensors' key order changes per process
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / copy)], check=True)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
     plain = timm.create_model(DEIT, pretrained=False, num_classes=C, **TINY_VIT).eval()
     plain.load_state_dict(safetensors.torch.load_file(path))
@@ -135,7 +143,8 @@ def test_teacher_refuses_mismatched_weights(tmp_path):
     with pytest.raises(InputError, match="regnetx_002, not regnety_002"):
         create_teacher("regnety_002", C, path)
     path = str(tmp_path / "tiny_deit.safetensors")
-    export_safetensors(timm.create_model(DEIT, pretrained=False, num_classes=C, **TINY_VIT), path)
+    export_safetensors(timm.create_model(DEIT, pretrained=False, num_classes=C, **{**TINY_VIT, "patch_size": 16}),
+                       path)
     with pytest.raises(InputError) as info:
         create_teacher(DEIT, C, path, img_size=32)
     # torch's first two lines as one, cut to 300 characters and " ..." (the missing keys fill thousands).
@@ -243,7 +252,7 @@ def test_init_resamples_position_embeddings_as_deit_fine_tunes(tmp_path):
     path = str(tmp_path / "deit224.safetensors")
     export_safetensors(source, path)
     ours = create_student("deit_tiny_distilled_patch16_224", 1000, img_size=384)
-    loaded = load_weights(ours, path, "--init weights", fresh_heads=True)
+    loaded = load_weights(ours, path, "--init weights", fresh_heads=True, resample=True)
     assert loaded.pos_grid == ((14, 14), (24, 24)) and loaded.fresh_heads == ()
 
     old = source.pos_embed.detach()
@@ -308,6 +317,15 @@ def test_bad_init_weights_are_refused_in_one_line(tmp_path):
     with pytest.raises(InputError, match=rf"^--init weights .*regnet\.pth do not fit {DEIT}: Error"):
         load_weights(create_student(DEIT, C, **TINY_VIT), str(tmp_path / "regnet.pth"), "--init weights",
                      fresh_heads=True)
+    # Another patch size is refused (DeiT's load fails; timm's filter would resample the kernel), and so is
+    # another grid where nothing asks for a resample (a teacher's weights).
+    tiny = str(tmp_path / "tiny.safetensors")
+    export_safetensors(create_student(DEIT, C, **TINY_VIT), tiny)
+    with pytest.raises(InputError, match=r"have patch size 4, the model 8: pass --patch-size 4$"):
+        load_weights(create_student(DEIT, C, **{**TINY_VIT, "patch_size": 8}), tiny, "--init weights", resample=True)
+    with pytest.raises(InputError, match=r"^teacher weights .* are for another image size \(position embeddings "
+                                         r"\(1, 66, 48\), the model's \(1, 146, 48\)\)$"):
+        load_weights(create_student(DEIT, C, **{**TINY_VIT, "img_size": 48}), tiny, "teacher weights")
     with pytest.raises(InputError, match=r"does not name its architecture \(not a deit-pipe export\): pass --model"):
         student_from_weights(str(tmp_path / "regnet.pth"), C)
     with pytest.raises(InputError, match="weights file not found"):
@@ -316,7 +334,8 @@ def test_bad_init_weights_are_refused_in_one_line(tmp_path):
 
 def test_a_convnet_teacher_runs_channels_last_on_a_gpu_and_as_it_was_on_a_cpu(monkeypatch, images):
     """cuDNN's NHWC kernels for a convnet teacher on a GPU (the input follows the weights' layout); a ViT, and
-    any teacher on a CPU, keep their layout, so CPU-made stores stay what they were."""
+    any teacher on a CPU, keep their layout, so CPU-made stores stay what they were. Without a GPU here, the
+    GPU cases are checked as the placement teacher_on asks for, not as kernels that ran."""
     from deit_pipe.models.precision import teacher_on
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -10,21 +10,10 @@ import time
 
 import pytest
 import torch
+from cli_run import run
 
 from deit_pipe.errors import EnvironmentFault
-from deit_pipe.pipeline.cli import main
 from deit_pipe.stages import throughput
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of the CLI in this process."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def cpu_model_from_proc() -> str:

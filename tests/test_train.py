@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from cli_run import one_line_error
 from evaluation import agree_within_one_image, exported_hits, val_images
 
 from deit_pipe.data.recipe import ViewRecipe
@@ -104,6 +105,22 @@ def assert_ranks_agree(out: Path, world: int) -> None:
     assert len({s["total_steps"] for s in states}) == 1, "ranks took different numbers of steps"
 
 
+def killed_after_checkpoint(argv: list[str], out: Path, step: int) -> None:
+    """Start `deit-pipe ARGV` on 2 ranks and SIGKILL the launcher and both ranks once the checkpoint of `step`
+    (or a later one) is in `out`."""
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *argv, "--nproc-per-node", "2"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and int(latest.read_text().strip().removeprefix("global_step") or 0) >= step:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "student.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def reference(data) -> Path:
     """An unbroken fp32 ZeRO-2 run on 2 ranks: the one a killed and resumed run must end equal to."""
@@ -141,15 +158,6 @@ def test_cached_targets_equal_the_online_teacher_on_the_same_views(data):
         # k = all classes: the cached distribution is the teacher's up to fp16 rounding of the logits.
         fp16_step = logits.abs().max().item() * 2.0**-10
         assert torch.allclose(cached.log_probs, online.log_probs, atol=2 * fp16_step + 1e-6)
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err and err.startswith("deit-pipe: error: ")
-    return err
 
 
 @pytest.mark.parametrize("nproc", ["0", "2"])
@@ -327,18 +335,8 @@ def test_a_resume_already_at_its_max_steps_trains_nothing(data, stopped, tmp_pat
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_unbroken_parameters(data, reference, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", "train", data["shards"], "-o", str(out),
-           "--logits", data["store"], *REFERENCE, "--checkpoint-every", "2", "--nproc-per-node", "2"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and int(latest.read_text().strip().removeprefix("global_step") or 0) >= 12:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid epoch 1
-    assert proc.wait() == -signal.SIGKILL
-    assert not (out / "student.safetensors").exists()
+    killed_after_checkpoint(["train", data["shards"], "-o", str(out), "--logits", data["store"], *REFERENCE,
+                             "--checkpoint-every", "2"], out, 12)  # mid epoch 1
     train(data, out, *REFERENCE, "--checkpoint-every", "2", "--resume")
     assert rank_states(out) == rank_states(reference)
     assert exported_digest(out) == exported_digest(reference)
@@ -552,16 +550,7 @@ def test_a_fine_tune_at_48px_resumes_after_sigkill_bit_identically(data, referen
     assert result["init_sha256"] == hashlib.sha256(Path(init).read_bytes()).hexdigest()
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *argv, "-o", str(out), "--nproc-per-node", "2"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and int(latest.read_text().strip().removeprefix("global_step") or 0) >= 8:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and not (out / "student.safetensors").exists()
+    killed_after_checkpoint([*argv, "-o", str(out)], out, 8)
     deit_pipe(*argv, "-o", str(out), "--resume")
     assert_ranks_agree(out, 2)
     assert rank_states(out) == rank_states(unbroken)

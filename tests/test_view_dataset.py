@@ -257,20 +257,23 @@ def test_a_pinned_loader_pins_every_tensor_of_views_and_store_rows(shards, manif
 def test_one_persistent_loader_serves_every_epoch_with_the_plans_items(shards, manifest):
     """TrainViews keeps one loader whose worker processes live across epochs (and resumes): each pass yields
     exactly the items of that epoch's plan from the step asked for, as a fresh dataset computes them."""
-    from deit_pipe.data.schedule import EpochPlan
+    from deit_pipe.data.schedule import EpochPlan, rank_items
     from deit_pipe.data.view_dataset import TrainViews
 
-    views = TrainViews(shards, manifest, MAKER, lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, 1, 16),
-                       rank=0, seed=0, store_url=None, store_views=None, allow_view_reuse=False, workers=1)
+    def plans(epoch):
+        return EpochPlan(manifest.num_samples, epoch, 3, 1, 16)
+
+    views = TrainViews(shards, manifest, MAKER, plans, rank=0, seed=0, store_url=None, store_views=None,
+                       allow_view_reuse=False, workers=2)
     workers = set()
     for epoch, start in ((0, 0), (1, 0), (3, 5), (1, 2)):
         loader = views.loader(epoch, start)
         got = list(loader)
         workers.add(tuple(w.pid for w in loader._iterator._workers))  # torch's own handle on its workers
-        plan = views.rank_plan(epoch)
+        plan = rank_items(MAKER, manifest, plans(epoch), 0, 0, None)
         want = ViewDataset(shards, MAKER, plan)
         assert len(got) == len(plan) - start == views.steps_in(epoch) - start
         for i, (pieces, batch, stored) in enumerate(got, start=start):
             assert pieces == plan[i] and stored is None
             assert torch.equal(batch.images, want[i][1].images) and torch.equal(batch.idx, want[i][1].idx)
-    assert len(workers) == 1  # the same worker process in every pass
+    assert len(workers) == 1 and len(next(iter(workers))) == 2  # the same two worker processes in every pass
