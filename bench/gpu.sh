@@ -20,4 +20,8 @@ else
     python=${PYTHON:-.venv/bin/python}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-"$python" bench/gpu.py ${OUT:+--out "$OUT/gpu.md"} "$@"
+# Not from the checkout's root: there a child process started with `python -c` (the shard stage's forkserver)
+# finds the root's own deit_pipe/ folder before the installed package, and has no deit_pipe.stages.
+repo=$PWD
+case $python in /* | python3) ;; *) python="$repo/$python" ;; esac
+cd /tmp && "$python" "$repo/bench/gpu.py" ${OUT:+--out "$OUT/gpu.md"} "$@"
