@@ -195,14 +195,15 @@ def architecture_args(metadata: dict[str, str]) -> dict[str, int]:
 def student_from_weights(url: str, num_classes: int, name: str | None = None,
                          img_size: int | None = None) -> tuple[nn.Module, LoadedWeights]:
     """The model a weights file holds, rebuilt (architecture and overrides from a deit-pipe export's metadata, or
-    `name` for a timm checkpoint) and loaded, at `img_size` when given (position embeddings resampled)."""
+    `name` for a timm checkpoint) and loaded; a ViT/DeiT at `img_size` when given (position embeddings
+    resampled), a convnet as it is (it takes any size)."""
     read = read_weights(url)
     named = exported_model(read[1])[0]
     name = name or named
     if name is None:
         raise InputError(f"{url} does not name its architecture (not a deit-pipe export): pass --model")
     args = architecture_args(read[1]) if named in (None, name) else {}
-    if img_size is not None:
+    if img_size is not None and is_vit(name):
         args["img_size"] = img_size
     model = create_student(name, num_classes, drop_path_rate=0.0, **args)
     return model, load_weights(model, url, "weights", resample=True, read=read)

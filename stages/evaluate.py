@@ -29,7 +29,7 @@ from deit_pipe.data.view_dataset import EvalDataset
 from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.context import RankContext, loader_workers
 from deit_pipe.errors import InputError
-from deit_pipe.models.registry import LoadedWeights, is_distilled, is_vit, student_from_weights
+from deit_pipe.models.registry import LoadedWeights, is_distilled, student_from_weights
 from deit_pipe.reporting.metrics import accuracy
 from deit_pipe.storage.location import check_writable, put_atomic
 from deit_pipe.storage.manifest import ShardManifest
@@ -76,11 +76,7 @@ def prepare(cfg: EvalConfig) -> EvalInputs:
     """Everything an evaluation needs, refusing bad input in one line; cheap, so a launcher runs it before
     starting any rank and each rank runs it again."""
     manifest = ShardManifest.load(cfg.shards, cfg.split)
-    model, weights = student_from_weights(cfg.weights, len(manifest.classes), cfg.model)
-    if cfg.img_size is not None and is_vit(architecture(model)) and cfg.img_size != model.patch_embed.img_size[0]:
-        # A ViT is built for one patch grid: rebuilt for img_size, its position embeddings resampled. A convnet
-        # takes any size as it is.
-        model, weights = student_from_weights(cfg.weights, len(manifest.classes), cfg.model, cfg.img_size)
+    model, weights = student_from_weights(cfg.weights, len(manifest.classes), cfg.model, cfg.img_size)
     transform, data_config = model_transform(model, cfg.img_size, cfg.crop_pct)
     try:  # before the evaluation, not after it
         check_writable(os.path.dirname(cfg.output_url) or ".")

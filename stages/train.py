@@ -122,12 +122,14 @@ class TrainConfig:
                                check(Precision, self.teacher_precision, "--teacher-precision"))
 
 
-def check_config(cfg: TrainConfig, world_size: int) -> tuple[ViewRecipe, TeacherStore | None]:
+def check_config(cfg: TrainConfig, world_size: int,
+                 init: tuple | None = None) -> tuple[ViewRecipe, TeacherStore | None]:
     """(view recipe, the teacher store or None) after refusing bad input; cheap, so a launcher runs it before
-    starting any rank and each rank runs it again."""
+    starting any rank and each rank runs it again. `init`: `read_weights(cfg.init)` when the caller has it."""
     cfg.engine.config()  # refuses a bad --zero, --precision or --ds-config
     if cfg.init:
-        check_architecture(read_weights(cfg.init)[1], cfg.student.name, cfg.init, "--init weights")
+        init = init or read_weights(cfg.init)
+        check_architecture(init[1], cfg.student.name, cfg.init, "--init weights")
     manifest = ShardManifest.load(cfg.shards, "train")
     if cfg.repeats < 1:
         raise InputError(f"--repeats must be at least 1, not {cfg.repeats}")
@@ -190,12 +192,12 @@ class StudentRun:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.ctx = RankContext.from_env()
-        self.recipe, store = check_config(cfg, self.ctx.world_size)
+        self.init = read_weights(cfg.init) if cfg.init else None  # read once: checked, then loaded
+        self.recipe, store = check_config(cfg, self.ctx.world_size, self.init)
         self.device = deepspeed_engine.select_accelerator(self.ctx)
         deepspeed_engine.init_distributed(self.device)
         manifest = ShardManifest.load(cfg.shards, "train")
         self.num_classes = len(manifest.classes)
-        self.init = read_weights(cfg.init) if cfg.init else None
         self.init_sha256 = self.init[2] if self.init else None
         self.student = cfg.student.with_architecture_of(self.init[1] if self.init else {})
         self.workers = cfg.workers if cfg.workers is not None else loader_workers(self.ctx)
