@@ -17,6 +17,10 @@ import torch
 from deit_pipe.errors import InputError
 
 _SRUN_TASKS = "SLURM_STEP_NUM_TASKS"  # set inside an srun step only (a batch script has SLURM_PROCID too)
+# Set alike for every rank of one launch, and not all alike for two launches running at once (a rendezvous
+# address and port are taken by one launch at a time).
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
+                     "WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class RankContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def launch(self) -> str:
+        """What the ranks of this launch share (storage.lease: rank 0 takes the output, the others follow it)."""
+        return ";".join(f"{name}={os.environ.get(name, '')}" for name in _LAUNCH_VARIABLES)
 
     def my_units(self, units: list) -> list:
         """Round-robin split: unit u goes to rank u % world_size (disjoint, covers all)."""

@@ -41,6 +41,7 @@ from deit_pipe.data.images import (
 from deit_pipe.data.rng import permutation
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
+from deit_pipe.storage.lease import launch_lease
 from deit_pipe.storage.location import check_writable, discard_partial, join, resolve, storage_errors
 from deit_pipe.storage.manifest import ShardManifest, shard_name, shard_url, split_url
 from deit_pipe.storage.shards import ShardInfo, ShardSample, safe_key, write_shard
@@ -340,18 +341,20 @@ def run(
     check_writable(dest)
     if "memory" in resolve(dest)[0].protocol:
         workers = 1  # a memory:// filesystem lives in one process: worker processes would write elsewhere
-    # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
-    written = []
-    for source in sources:
-        work = SplitWork(dest, source.split)
-        plan = _plan(work, source, options, ctx, workers)
-        written.append((work, plan, _write(work, plan, options, ctx, workers)))
-    reports = []
-    for work, plan, shards_written in written:
-        manifest = _manifest(work, plan, options)
-        if ctx.is_main:
-            manifest.save(dest)
-        reports.append(SplitReport(manifest, shards_written))
+    # One launch at a time writes DEST: a double-submitted job refuses here, before it plans or writes.
+    with launch_lease(dest, f"the shards {dest}", ctx.is_main, ctx.launch):
+        # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
+        written = []
+        for source in sources:
+            work = SplitWork(dest, source.split)
+            plan = _plan(work, source, options, ctx, workers)
+            written.append((work, plan, _write(work, plan, options, ctx, workers)))
+        reports = []
+        for work, plan, shards_written in written:
+            manifest = _manifest(work, plan, options)
+            if ctx.is_main:
+                manifest.save(dest)
+            reports.append(SplitReport(manifest, shards_written))
     return reports
 
 

@@ -36,7 +36,8 @@ from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
 from deit_pipe.models.precision import device_kind, inference_precision, teacher_on
 from deit_pipe.models.registry import create_teacher
-from deit_pipe.storage.location import check_writable
+from deit_pipe.storage.lease import launch_lease
+from deit_pipe.storage.location import check_writable, join
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
 
@@ -165,6 +166,18 @@ def run(
         raise InputError(f"--views must be at least 1, not {views}")
     if not 1 <= k <= num_classes:
         raise InputError(f"--topk {k} must be between 1 and the number of classes ({num_classes})")
+    # One launch at a time writes a split: a double-submitted job refuses here, before it lays out or writes.
+    with launch_lease(join(store_url, split), f"the teacher store {store_url} (split {split})", ctx.is_main,
+                      ctx.launch):
+        return _fill_store(shards, store_url, manifest, teacher, recipe, views, k, batch_size, workers, device, code,
+                           ctx)
+
+
+def _fill_store(shards: str, store_url: str, manifest: ShardManifest, teacher: TeacherSpec, recipe: ViewRecipe,
+                views: int, k: int, batch_size: int, workers: int, device: str, code: CodeSpec,
+                ctx: RankContext) -> dict:
+    """Lay out or open the store, then score and write this rank's units not yet committed."""
+    split, num_classes = manifest.split, len(manifest.classes)
     dev = rank_device(device, ctx)
     model, weights_sha = create_teacher(teacher.name, num_classes, teacher.weights, img_size=recipe.img_size)
     model = teacher_on(model, dev).eval()

@@ -57,6 +57,7 @@ from deit_pipe.reporting import metrics
 from deit_pipe.reporting.metrics import Evaluation
 from deit_pipe.reporting.run_records import RunRecords
 from deit_pipe.stages.verify_store import open_bound_store
+from deit_pipe.storage.lease import launch_lease
 from deit_pipe.storage.location import check_writable, exists, is_local
 from deit_pipe.storage.manifest import ShardManifest, manifest_url
 from deit_pipe.storage.teacher_store import TeacherStore
@@ -305,7 +306,14 @@ class StudentRun:
 
 
 def run(cfg: TrainConfig) -> dict:
-    r = StudentRun(cfg)
+    ctx = RankContext.from_env()
+    # One launch at a time trains into --output: a double-submitted job refuses here, before it writes.
+    with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch):
+        return _train(StudentRun(cfg))
+
+
+def _train(r: StudentRun) -> dict:
+    cfg = r.cfg
     if r.target_kl is not None and r.ctx.is_main:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)

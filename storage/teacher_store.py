@@ -14,6 +14,7 @@
         _commits/layout         the layout is complete (arrays and attributes written)
         _commits/layout-<V>     the layout holds V views (the barrier ranks wait on)
         _commits/<shard>-<v>    a unit is written only once its marker exists
+        _lease/                 the launch writing this split (storage.lease): one at a time
 
 Chunks are (S, 1, ...): one chunk = one image shard x one view = one write unit = one writer, so two
 writers never share an object, and views appended later land in new chunks (only metadata changes).
@@ -117,20 +118,21 @@ class TeacherStore:
     @classmethod
     def create(cls, url: str, split: str, binding: dict, num_views: int, provenance: dict,
                code: tuple[np.ndarray, np.ndarray, np.ndarray], code_error: dict) -> TeacherStore:
-        """Lay out an empty store with its logit code, wiping any half-made layout (one process does this;
-        the others wait in `wait_layout`)."""
+        """Lay out an empty store with its logit code (rank 0 of the launch holding the split's lease does this;
+        the other ranks wait in `wait_layout`). The group is opened, never wiped: only the arrays of a layout cut
+        short, which no unit was committed to, are written over."""
         n, spc = binding["num_samples"], binding["samples_per_shard"]
-        group = zarr.open_group(cls._group_url(url, split), mode="w")
+        group = zarr.open_group(cls._group_url(url, split), mode="a")
         for name, (tail, dtype) in _arrays(binding).items():
             # Small integer codes compress best unshuffled; floats and wide ints with bit shuffling.
             shuffle = "noshuffle" if dtype == "int8" else "bitshuffle"
             group.create_array(
                 name, shape=(n, num_views, *tail), chunks=(spc, 1, *tail), dtype=dtype,
-                fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)],
+                fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)], overwrite=True,
             )
         for name, values in zip(CODE_ARRAYS, code, strict=True):
             if values.size:  # zarr wants no empty axis: a code of rank 0 has only its mean
-                group.create_array(name, data=values.astype(np.float32))
+                group.create_array(name, data=values.astype(np.float32), overwrite=True)
         group.attrs.update({**binding, "num_views": num_views, "provenance": provenance, "code_error": code_error})
         store = cls(url, split, group)
         store._mark_layout()
