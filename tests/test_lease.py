@@ -107,7 +107,8 @@ def test_a_holder_whose_lease_was_taken_over_stops_at_its_next_renewal(output):
     write_lease(output, 2, host="node-3", pid=7)  # a launch that found it stale and took generation 2
     assert holder.wait(timeout=30) == 3
     err = holder.stderr.read().strip()
-    assert err.startswith(f"deit-pipe: error: lost the lease on {output}/_lease to pid 7 on node-3, ") and "\n" not in err
+    assert "\n" not in err
+    assert err.startswith(f"deit-pipe: error: lost the lease on {output}/_lease to pid 7 on node-3, ")
     assert err.endswith("this launch stops; committed work is kept")
 
 

@@ -279,40 +279,62 @@ def test_two_ranks_give_the_bytes_of_one(odd_image_folder, local_run, tmp_path):
     assert "3 written by this run" in outs[0][0] and "3 written by this run" in outs[1][0]
 
 
-@pytest.mark.slow
-def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    # Many one-sample shards that each need a resize: the run spends a while committing them.
+@pytest.fixture
+def slow_source(tmp_path) -> tuple[Path, list[str], Path]:
+    """(source, shard arguments, the uninterrupted run's DEST): many one-sample shards that each need a resize,
+    so a run spends a while committing them."""
     src = tmp_path / "src" / "train"
     rng = np.random.default_rng(5)
     for i in range(240):
         path = src / f"class{i % 3}" / f"img{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
-    args = ["--samples-per-shard", "1", "--max-side", "32", "--workers", "1"]
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    reference = tmp_path / "reference"
     shard(src, reference, stage.ShardOptions(samples_per_shard=1, max_side=32))
+    return src, ["--samples-per-shard", "1", "--max-side", "32", "--workers", "1"], reference
 
+
+def start_and_wait_for_a_commit(src: Path, dest: Path, args: list[str]) -> subprocess.Popen:
+    """A `shard` process, once its first shard is committed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deit_pipe.pipeline.cli", "shard", str(src), str(killed), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "deit_pipe.pipeline.cli", "shard", str(src), str(dest), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    markers = killed / "train" / "_work" / "shards"
     deadline = time.monotonic() + 60
-    committed: set[str] = set()
-    while not committed:  # until the first shard's commit marker shows
+    while not _committed(dest / "train" / "_work" / "shards"):
         assert proc.poll() is None and time.monotonic() < deadline
-        committed = _committed(markers)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(tmp_path, slow_source):
+    src, args, reference = slow_source
+    killed = tmp_path / "killed"
+    proc = start_and_wait_for_a_commit(src, killed, args)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    committed = _committed(markers)
+    committed = _committed(killed / "train" / "_work" / "shards")
     assert 0 < len(committed) < 240 and not (killed / "train" / "manifest.json").exists()
     stamps = {n: (killed / "train" / n).stat().st_mtime_ns for n in committed}
 
-    rerun = cli("shard", src, killed, *args)
+    rerun = cli("shard", src, killed, *args)  # the killed launch's lease is taken over: its process is gone
     assert rerun.returncode == 0, rerun.stderr
     assert f"{240 - len(committed)} written by this run" in rerun.stdout
     assert {n: (killed / "train" / n).stat().st_mtime_ns for n in committed} == stamps  # not redone
     assert tree(killed) == tree(reference)
+
+
+@pytest.mark.slow
+def test_a_second_launch_on_one_dest_refuses_in_one_line_and_the_first_completes_untouched(tmp_path, slow_source):
+    src, args, reference = slow_source
+    dest = tmp_path / "dest"
+    first = start_and_wait_for_a_commit(src, dest, args)
+    first.send_signal(signal.SIGSTOP)  # still running (its shards take under a second) when the second starts
+    second = cli("shard", src, dest, *args)
+    first.send_signal(signal.SIGCONT)
+    _one_line_error(second, f"another launch is writing the shards {dest} (pid {first.pid} on ")
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert tree(dest) == tree(reference)  # no lease left either
 
 
 def _committed(markers: Path) -> set[str]:

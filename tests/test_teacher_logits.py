@@ -321,6 +321,29 @@ def test_sigkilled_run_resumes_and_trusts_only_committed_units(shards, weights, 
     assert_same_arrays(str(store), reference)
 
 
+@pytest.mark.slow
+def test_a_second_launch_on_the_store_refuses_in_one_line_and_wipes_nothing(shards, weights, reference, tmp_path):
+    """A double-submitted job: the second launch starts once the first has laid out the store and committed a
+    unit (a layout made again would wipe it), and refuses; the first completes the reference's store."""
+    store = tmp_path / "store"
+    first = cli(*cli_args(shards, store, weights), env={**os.environ, **ONE_THREAD})
+    deadline = time.monotonic() + 120
+    while not _unit_markers(store / "train" / "_commits"):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)  # held still while the second launch starts
+    second = cli(*cli_args(shards, store, weights), env={**os.environ, **ONE_THREAD})
+    _, err = second.communicate(timeout=120)
+    first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().startswith(f"deit-pipe: error: another launch is writing the teacher store {store} (split "
+                                  f"train) (pid {first.pid} on ") and len(err.strip().splitlines()) == 1, err
+    assert first.wait(timeout=300) == 0, first.communicate()
+    assert TeacherStore.open(str(store), "train").committed_units() == all_units(shards, VIEWS)
+    assert_same_arrays(str(store), reference)
+    assert not list((store / "train" / "_lease").iterdir())  # released
+
+
 def _unit_markers(markers: Path) -> set[str]:
     names = os.listdir(markers) if markers.is_dir() else []
     return {n for n in names if not n.startswith("layout") and ".tmp-" not in n}

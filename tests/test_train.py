@@ -343,6 +343,31 @@ def test_sigkilled_run_resumes_to_the_unbroken_parameters(data, reference, tmp_p
 
 
 @pytest.mark.slow
+def test_a_second_launch_into_one_output_refuses_in_one_line_and_the_first_ends_unbroken(data, stopped, tmp_path):
+    """A double-submitted job: the second launch starts while the first holds --output (its ranks stopped there),
+    and refuses; the first, continued, ends with the unbroken run's parameters."""
+    out = tmp_path / "out"
+    argv = ["train", data["shards"], "-o", str(out), "--logits", data["store"], *REFERENCE, "--max-steps", "13"]
+    first = subprocess.Popen([sys.executable, "-m", "deit_pipe.pipeline.cli", *argv, "--nproc-per-node", "2"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("_lease/*.json")):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    holder = json.loads(next(out.glob("_lease/*.json")).read_text())["pid"]
+    os.killpg(first.pid, signal.SIGSTOP)
+    second = deit_pipe(*argv, check=False)
+    os.killpg(first.pid, signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("deit-pipe")]
+    assert errors and all(line.startswith(f"deit-pipe: error: rank 0: another launch is writing the run {out} (pid "
+                                          f"{holder} on ") for line in errors), second.stderr[-3000:]
+    assert first.wait(timeout=600) == 0
+    assert rank_states(out) == rank_states(stopped)
+
+
+@pytest.mark.slow
 def test_resume_on_one_rank_from_a_two_rank_checkpoint(data, stopped, tmp_path):
     """2 ranks stop mid epoch 1; 1 rank continues through DeepSpeed's universal checkpoint to the end."""
     out = Path(shutil.copytree(stopped, tmp_path / "rescaled"))
