@@ -89,6 +89,8 @@ def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds:
     for r in range(rounds):
         for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
             speeds[mode].append(images_per_s(runs[mode], warmup, count))
+    for run in runs.values():
+        run.close()
     return runs, speeds
 
 

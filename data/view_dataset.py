@@ -178,6 +178,12 @@ class TrainViews:
         self._steps.set(epoch, range(start_step, self.steps_in(epoch)))
         return self._loader
 
+    def close(self) -> None:
+        """Stop the persistent workers now: a process that goes on after the run (a sweep, a benchmark) must not
+        keep them, nor fork them into its next loader's workers. The loader is referenced here only, so
+        dropping it shuts its workers down at once."""
+        self._loader = None
+
 
 class EvalDataset(Dataset):
     """Item i: (images, labels) of one slice of a shard, through the recipe's eval transform.

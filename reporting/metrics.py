@@ -72,6 +72,10 @@ class Evaluation:
         self.loader = DataLoader(data, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                  pin_memory=device.type == "cuda")
 
+    def close(self) -> None:
+        """Stop the persistent workers (see data.view_dataset.TrainViews.close)."""
+        self.loader = None
+
     def __call__(self, engine, zero: int) -> dict[str, float]:
         module = engine.module
         module.eval()

@@ -289,6 +289,12 @@ class StudentRun:
                             "train_loss": metrics.mean_over_ranks(losses, self.device),
                             "images_per_s": len(losses) * self.samples_per_step / max(seconds, 1e-9), **scores})
 
+    def close(self) -> None:
+        """Stop the loaders' worker processes."""
+        self.data.close()
+        if self.evaluation:
+            self.evaluation.close()
+
     def finish(self, total_steps: int, seconds: float, images: int, completed: bool) -> dict:
         """Each rank's final state; when the run completed, the exported student, the plot and results.json."""
         cfg = self.cfg
@@ -309,7 +315,11 @@ def run(cfg: TrainConfig) -> dict:
     ctx = RankContext.from_env()
     # One launch at a time trains into --output: a double-submitted job refuses here, before it writes.
     with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch):
-        return _train(StudentRun(cfg))
+        r = StudentRun(cfg)
+        try:
+            return _train(r)
+        finally:
+            r.close()
 
 
 def _train(r: StudentRun) -> dict:

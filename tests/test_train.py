@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -365,6 +366,27 @@ def test_a_second_launch_into_one_output_refuses_in_one_line_and_the_first_ends_
                                           f"{holder} on ") for line in errors), second.stderr[-3000:]
     assert first.wait(timeout=600) == 0
     assert rank_states(out) == rank_states(stopped)
+
+
+@pytest.mark.slow
+def test_a_run_returns_with_no_loader_worker_left_running(data, tmp_path):
+    """A process that goes on after a run (a sweep, the benchmark) keeps none of its persistent loader workers:
+    forked into its next loader's workers, they were what hung the first GPU benchmark at exit."""
+    argv = ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *STUDENT, "--workers", "1",
+            "--epochs", "1", "--zero", "0", "--precision", "fp32"]
+    code = textwrap.dedent(f"""
+        import multiprocessing
+        from deit_pipe.pipeline.cli import main
+        try:
+            main({argv!r})
+        except SystemExit as exit_:
+            assert not exit_.code, exit_.code
+        print("children", len(multiprocessing.active_children()))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "children 0"
 
 
 @pytest.mark.slow
