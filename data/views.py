@@ -31,7 +31,7 @@ from timm.data.mixup import cutmix_bbox_and_lam
 
 from deit_pipe.data.mixing import NO_MIX, MixParams, mix_views
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.rng import permutation, seed_sequence, seeded_global_rngs
+from deit_pipe.data.rng import global_rngs_restored, permutation, seed_sequence, seeded_global_rngs
 from deit_pipe.errors import InputError
 from deit_pipe.storage.shards import ShardSample
 from deit_pipe.tensor_fields import TensorFields
@@ -101,6 +101,7 @@ class ViewMaker:
             box, lam = cutmix_bbox_and_lam((r.img_size, r.img_size), lam, correct_lam=True)
             return MixParams("cutmix", float(np.float32(lam)), tuple(int(b) for b in box))
 
+    @global_rngs_restored()  # once for the batch: each view's seeded scopes then only seed
     def shard_views(
         self, samples: list[ShardSample], shard_index: int, v: int, positions: Sequence[int] | None = None
     ) -> ViewBatch:

@@ -175,6 +175,17 @@ def test_views_independent_of_order_subsets_and_global_rng(shards):
     _assert_rng_state_equal(before, _global_rng_state())
 
 
+def test_a_batch_saves_and_restores_the_global_generators_once_not_once_per_view(shards, monkeypatch):
+    """numpy's state copied out and back cost more than the seeding itself when every view did it."""
+    saves = []
+    get_state = np.random.get_state
+    monkeypatch.setattr(np.random, "get_state", lambda *args: saves.append(1) or get_state(*args))
+    before = _global_rng_state()
+    batch = ViewMaker(RECIPE, SPLIT).shard_views(shards[0], 0, v=0)
+    assert len(batch.idx) > 1 and len(saves) == 2  # the batch's own save, and `before`'s
+    _assert_rng_state_equal(before, _global_rng_state())
+
+
 _FRESH_PROCESS = """
 import sys, torch
 from deit_pipe.data.recipe import ViewRecipe
