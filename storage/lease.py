@@ -3,12 +3,13 @@
 A double-submitted job must not wipe or interleave with the first: the layout of a store is created, and its
 units written, by the launch holding the output's lease; a second launch refuses in one line, naming the holder.
 
-    <output>/_lease/<generation>.json    {host, pid, launch, started, renewed_at}
+    <output>/_lease/<generation>.json    {host, pid, launch, started, renewed_at, ended}
 
 A lease is taken by creating the next generation's object only if it is absent (os.link on a local disk, a
 conditional PUT, If-None-Match: *, on an object store), so of two launches racing for it exactly one wins. Its
-holder renews it every LEASE_SECONDS / 4 from a thread, and removes it when the launch ends. A lease whose holder
-died (the same host, no such process) or stopped renewing for LEASE_SECONDS (another host: a killed node) may be
+holder renews it every LEASE_SECONDS / 4 from a thread, and marks it ended when the launch ends (kept: the other
+ranks of a launch whose rank 0 finished first still find it, and it says who wrote the output last). A lease whose
+holder died (the same host, no such process) or stopped renewing for LEASE_SECONDS (another host: a killed node) may be
 taken over, by the next generation: the holder that finds a newer generation at its next renewal has lost its
 output and stops the process at once, before it writes more.
 
@@ -45,6 +46,7 @@ class Holder:
     launch: str
     started: float
     renewed_at: float
+    ended: bool = False
 
     @classmethod
     def this_process(cls, launch: str) -> Holder:
@@ -52,6 +54,8 @@ class Holder:
         return cls(socket.gethostname(), os.getpid(), launch, now, now)
 
     def is_alive(self, now: float) -> bool:
+        if self.ended:
+            return False
         if self.host == socket.gethostname():  # a process here can be asked directly
             return _process_exists(self.pid)
         return now - self.renewed_at <= LEASE_SECONDS
@@ -142,9 +146,8 @@ class LaunchLease:
         self._stop.set()
         if self._renewer.is_alive():
             self._renewer.join()
-        fs, path = resolve(_key(self.url, self.generation))
-        with contextlib.suppress(FileNotFoundError), storage_errors("remove", self.url):
-            fs.rm_file(path)
+        self.holder = Holder(**{**asdict(self.holder), "renewed_at": time.time(), "ended": True})
+        put_atomic(_key(self.url, self.generation), _encode(self.holder))
 
     def __enter__(self) -> LaunchLease:
         return self
@@ -184,7 +187,7 @@ def _generations(url: str) -> list[int]:
 
 
 def _newest(url: str) -> tuple[int, Holder | None]:
-    """(the newest generation, its holder); (0, None) when no lease was ever taken or the last was released."""
+    """(the newest generation, its holder); (0, None) when no lease was ever taken."""
     generations = _generations(url)
     if not generations:
         return 0, None
@@ -192,8 +195,8 @@ def _newest(url: str) -> tuple[int, Holder | None]:
     try:
         with storage_errors("read", url):
             return generations[-1], Holder(**json.loads(fs.cat_file(path)))
-    except FileNotFoundError:  # released between the listing and the read
-        return generations[-1], None
+    except FileNotFoundError:  # dropped by a newer generation's holder between the listing and the read
+        return _newest(url)
 
 
 def _create_if_absent(url: str, data: bytes) -> bool:

@@ -61,9 +61,10 @@ def test_a_second_launch_is_refused_in_one_line_naming_the_holder_and_a_released
     assert "\n" not in message
     assert message.startswith(f"another launch is writing {WHAT} (pid {os.getpid()} on {socket.gethostname()}, "
                               "started ")
-    assert held.generation == 1 and lease_objects(output) == {}  # released: nothing left behind
+    ended = lease_objects(output)["00000001.json"]
+    assert held.generation == 1 and ended["ended"] and ended["pid"] == os.getpid()  # a record of who wrote it last
     with LaunchLease.take(output, WHAT) as again:
-        assert again.generation == 1
+        assert again.generation == 2 and list(lease_objects(output)) == ["00000002.json"]
 
 
 def test_the_lease_of_a_process_that_died_is_taken_over(output):
@@ -118,3 +119,4 @@ def test_other_ranks_start_once_their_own_rank_0_holds_the_lease(output, monkeyp
         LaunchLease.follow(output, WHAT, "MASTER_PORT=1")  # returns: its rank 0 holds it
         with pytest.raises(InputError, match=f"timed out waiting for rank 0 to take the lease on {WHAT}"):
             LaunchLease.follow(output, WHAT, "MASTER_PORT=2")  # a refused launch's rank never starts
+    LaunchLease.follow(output, WHAT, "MASTER_PORT=1")  # its rank 0 already done: the ended lease still says so

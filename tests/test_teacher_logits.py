@@ -7,6 +7,7 @@ Tiny settings throughout: 200 Fashion-MNIST images in 25-sample shards, 32 px vi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -341,7 +342,7 @@ def test_a_second_launch_on_the_store_refuses_in_one_line_and_wipes_nothing(shar
     assert first.wait(timeout=300) == 0, first.communicate()
     assert TeacherStore.open(str(store), "train").committed_units() == all_units(shards, VIEWS)
     assert_same_arrays(str(store), reference)
-    assert not list((store / "train" / "_lease").iterdir())  # released
+    assert [json.loads(p.read_text())["ended"] for p in (store / "train" / "_lease").iterdir()] == [True]
 
 
 def _unit_markers(markers: Path) -> set[str]:
