@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+def _pyplot():
+    """matplotlib's pyplot on a display-less backend, imported on first use: every rank of every run imports this
+    module, and matplotlib alone takes half a second to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -19,6 +25,7 @@ def plot_training(metrics_path: str, png_path: str, title: str = "") -> None:
     """Train loss and val top-1 (each head) per epoch."""
     rows = read_jsonl(metrics_path)
     epochs = [r["epoch"] for r in rows]
+    plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
@@ -35,6 +42,7 @@ def plot_training(metrics_path: str, png_path: str, title: str = "") -> None:
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], png_path: str, ylabel: str, title: str) -> None:
     """One line per run: {label: [(epoch, value), ...]}."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     # Distinct markers and dashes: runs that agree exactly (cached vs online teacher) stay visible.
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("x", "-.")]
