@@ -23,7 +23,6 @@ import threading
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
 # Serialises seeded scopes between threads of one process (they share the global generators).
 # Loader workers are processes and need no lock.
@@ -62,6 +61,8 @@ def global_rngs_restored():
     restores the generators once, not once per view (numpy's state alone is 2.5 KB copied out and back, about
     80 us, more than seeding all three).
     """
+    import torch  # here, not at the top: the shard stage derives its sample order without loading torch (~1 s)
+
     with _GLOBAL_RNG_LOCK:
         depth = getattr(_scope, "depth", 0)
         saved = None if depth else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
@@ -83,6 +84,8 @@ def seeded_global_rngs(key: np.random.SeedSequence):
 
     What runs inside neither depends on nor disturbs the process's RNG state.
     """
+    import torch  # as in global_rngs_restored
+
     words = key.generate_state(6)  # uint32
     with global_rngs_restored():
         random.seed(int(words[0]) | int(words[1]) << 32)

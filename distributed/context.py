@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from deit_pipe.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 _SRUN_TASKS = "SLURM_STEP_NUM_TASKS"  # set inside an srun step only (a batch script has SLURM_PROCID too)
 # Set alike for every rank of one launch, and not all alike for two launches running at once (a rendezvous
@@ -90,6 +92,8 @@ def rank_device(requested: str | None, ctx: RankContext) -> torch.device:
     """The device of this rank: `requested` as given unless it is "cuda" (cpu, cuda:1, mps, ...); for "cuda" or
     None (choose), the GPU of the local rank. Refuses more local ranks than GPUs, and CPU on a GPU node whose
     CUDA does not load unless the process was hidden from its GPUs."""
+    import torch  # here, not at the top: the shard stage's RankContext has no device and should not load torch
+
     if requested is not None and requested != "cuda":
         return torch.device(requested)
     if not torch.cuda.is_available():

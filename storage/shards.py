@@ -2,8 +2,8 @@
 
 A sample is stored as `<key>.<ext>` (image bytes, ext = the format they really are), `<key>.cls`
 (class index) and `<key>.idx` (the dense sample id), with the key the source path made safe.
-Tar headers carry fixed mtime/owner so the same samples always give the same bytes. Written by
-webdataset's TarWriter and read by its tar iterators.
+Tar headers carry fixed mtime/owner so the same samples always give the same bytes. Written with tarfile
+as webdataset's TarWriter writes them (its bytes, member for member) and read by webdataset's tar iterators.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from deit_pipe.storage.location import open_url, put_atomic, storage_errors
 
 IMAGE_EXTS = ("jpg", "png", "webp")
+_OWNER = ("deit-pipe", "deit-pipe")  # uname, gname of every member
 _UNSAFE = re.compile(r"[^A-Za-z0-9/-]")
 
 
@@ -46,11 +45,17 @@ class ShardInfo:
 
 
 def encode_shard(samples: Iterable[ShardSample]) -> bytes:
+    """The tar webdataset's TarWriter(encoder=False, mtime=0, user=group="deit-pipe") writes, byte for byte, without
+    importing webdataset (which imports torch: a second of the shard stage's start-up): tarfile's default (PAX)
+    format, each sample's members in sorted extension order (cls, idx, then the image's), mode 0o444."""
     buf = io.BytesIO()
-    # mtime an int: a float one makes tarfile add a PAX header to every member (twice the bytes).
-    with wds.TarWriter(buf, encoder=False, mtime=0, user="deit-pipe", group="deit-pipe") as tar:
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for s in samples:
-            tar.write({"__key__": s.key, s.ext: s.image, "cls": str(s.label).encode(), "idx": str(s.idx).encode()})
+            for ext, data in sorted({s.ext: s.image, "cls": str(s.label).encode(), "idx": str(s.idx).encode()}.items()):
+                # mtime an int: a float one makes tarfile add a PAX header to every member (twice the bytes).
+                member = tarfile.TarInfo(f"{s.key}.{ext}")
+                member.size, member.mtime, member.mode, member.uname, member.gname = len(data), 0, 0o444, *_OWNER
+                tar.addfile(member, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -68,6 +73,8 @@ def _record(rec: dict, url: str) -> ShardSample:
 
 
 def _samples(tar_stream, url: str) -> Iterator[ShardSample]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander  # imports torch: readers only
+
     for rec in group_by_keys(tar_file_expander([{"url": url, "stream": tar_stream}])):
         yield _record(rec, url)
 

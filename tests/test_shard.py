@@ -25,7 +25,7 @@ from deit_pipe.errors import InputError
 from deit_pipe.stages import shard as stage
 from deit_pipe.storage.location import join, read_bytes
 from deit_pipe.storage.manifest import ShardManifest, shard_url
-from deit_pipe.storage.shards import read_shard, safe_key
+from deit_pipe.storage.shards import ShardSample, encode_shard, read_shard, safe_key
 
 OPTIONS = stage.ShardOptions(samples_per_shard=4, seed=3)
 SINGLE = RankContext()  # explicit, so a RANK in the test environment cannot leak in
@@ -132,6 +132,30 @@ def test_rerun_of_a_finished_run_writes_nothing_and_changes_nothing(odd_image_fo
     reports = shard(odd_image_folder.root, dest)
     assert all(r.shards_written == 0 for r in reports.values())
     assert tree(dest) == before
+
+
+@pytest.mark.parametrize("key_chars", [8, 96, 97, 150])  # a member name past 100 characters takes a PAX header
+def test_shard_bytes_are_webdataset_tarwriters(key_chars):
+    """The tar bytes stores bind (the manifest's sha256s) are what webdataset's TarWriter wrote before
+    encode_shard wrote with tarfile itself: the same members, headers, padding and end of archive."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(key_chars)
+    samples = [ShardSample(key=f"c{i}/" + "k" * (key_chars - 3), idx=i * 997, label=i % 7,
+                           image=rng.bytes(int(rng.integers(0, 3000))), ext=("png", "jpg", "webp")[i % 3])
+               for i in range(12)]
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=0, user="deit-pipe", group="deit-pipe") as tar:
+        for x in samples:
+            tar.write({"__key__": x.key, x.ext: x.image, "cls": str(x.label).encode(), "idx": str(x.idx).encode()})
+    assert encode_shard(samples) == buf.getvalue()
+
+
+def test_the_shard_stage_does_not_load_torch():
+    """torch costs about a second to import, in the command and again in its worker pool; sharding needs none."""
+    code = "import sys, deit_pipe.pipeline.cli, deit_pipe.stages.shard; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def _sample_order(seed: int, split: str, n: int) -> list[int]:
