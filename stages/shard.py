@@ -26,6 +26,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from multiprocessing import forkserver
 
 from tqdm import tqdm
 
@@ -200,17 +201,44 @@ def write_shard_unit(unit: ShardUnit) -> int:
     return len(samples)
 
 
-def _run_units(fn: Callable, units: list, workers: int, bar: tqdm) -> None:
-    """Run units in `workers` local processes (forkserver: no fork of a process with s3fs threads)."""
-    if workers <= 1 or len(units) <= 1:
-        for n in map(fn, units):
-            bar.update(n)
-        return
-    mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload([__name__])
-    with mp.Pool(min(workers, len(units))) as pool:
-        for n in pool.imap_unordered(fn, units):
-            bar.update(n)
+class _WorkerPool:
+    """Local worker processes (forkserver: no fork of a process with s3fs threads), started when a step first has
+    two units for them and kept for the rest of the run: a pool costs a process start, imports and the main
+    module's re-import per worker, which every scan and write step paid again (most of a small run)."""
+
+    def __init__(self, count: int):
+        self.count, self._processes = count, None
+        self._context = multiprocessing.get_context("forkserver")
+
+    def __enter__(self) -> _WorkerPool:
+        if self.count > 1:
+            # The fork server imports this module while this process lists SRC: its workers start ready.
+            self._context.set_forkserver_preload([__name__])
+            forkserver.ensure_running()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._processes is not None:
+            self._processes.terminate()
+            self._processes = None
+
+    def run(self, fn: Callable, units: list, bar: tqdm) -> None:
+        """fn(unit) for every unit; each returns the images it did, which advance the bar."""
+        if self.count <= 1 or len(units) <= 1:
+            for n in map(fn, units):
+                bar.update(n)
+            return
+        if self._processes is None:
+            self._processes = self._context.Pool(self.count)
+        try:
+            for n in self._processes.imap_unordered(fn, units):
+                bar.update(n)
+        except BaseException:
+            self.stop()  # no worker goes on with a unit while the caller cleans up after the failure
+            raise
 
 
 def _bar(desc: str, total: int) -> tqdm:
@@ -250,7 +278,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _scan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext,
-          workers: int) -> list[Verdict]:
+          pool: _WorkerPool) -> list[Verdict]:
     size = options.samples_per_shard
     names = [work.scan_marker(u) for u in range(math.ceil(len(source.files) / size))]
     committed = work.scans.committed()
@@ -260,7 +288,7 @@ def _scan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: Rank
         if names[u] not in committed
     ]
     with _bar(f"{source.split} scan", sum(len(u.relpaths) for u in todo)) as bar:
-        _run_units(scan_unit, todo, workers, bar)
+        pool.run(scan_unit, todo, bar)
     work.scans.wait(names, f"{source.split} scan units of the other ranks", poll=0.2)
     verdicts = [Verdict.of_json(v) for unit in work.scans.read(names) for v in json.loads(unit)]
     if [v.path for v in verdicts] != source.files:
@@ -277,14 +305,15 @@ def _order(work: SplitWork, n: int, seed: int, ctx: RankContext) -> list[int]:
     return order
 
 
-def _plan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext, workers: int) -> SplitPlan:
+def _plan(work: SplitWork, source: SplitSource, options: ShardOptions, ctx: RankContext,
+          pool: _WorkerPool) -> SplitPlan:
     _bind(work, source, options, ctx)
-    verdicts = _scan(work, source, options, ctx, workers)
+    verdicts = _scan(work, source, options, ctx, pool)
     accepted = [i for i, v in enumerate(verdicts) if v.inspection.action != REJECT]
     return SplitPlan(source, verdicts, accepted, _order(work, len(accepted), options.seed, ctx))
 
 
-def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankContext, workers: int) -> int:
+def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankContext, pool: _WorkerPool) -> int:
     """Writes this rank's uncommitted shards; returns how many."""
     source, size, n = plan.source, options.samples_per_shard, len(plan.accepted)
     committed = work.shards.committed()
@@ -302,7 +331,7 @@ def _write(work: SplitWork, plan: SplitPlan, options: ShardOptions, ctx: RankCon
                               options.max_pixels))
     try:
         with _bar(f"{source.split} write", sum(len(u.entries) for u in todo)) as bar:
-            _run_units(write_shard_unit, todo, workers, bar)
+            pool.run(write_shard_unit, todo, bar)
     except BaseException:
         for unit in todo:  # writes the failure cut short (other workers' too): no temporary file stays behind
             with contextlib.suppress(OSError):  # the disk may be what failed: the original error is the news
@@ -337,24 +366,25 @@ def run(
 ) -> list[SplitReport]:
     """Shard every split of SRC into DEST; rank 0 writes each manifest after all its shards are committed."""
     ctx = ctx or RankContext.from_env()
-    sources = find_splits(src)
-    check_writable(dest)
     if "memory" in resolve(dest)[0].protocol:
         workers = 1  # a memory:// filesystem lives in one process: worker processes would write elsewhere
-    # One launch at a time writes DEST: a double-submitted job refuses here, before it plans or writes.
-    with launch_lease(dest, f"the shards {dest}", ctx.is_main, ctx.launch):
-        # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
-        written = []
-        for source in sources:
-            work = SplitWork(dest, source.split)
-            plan = _plan(work, source, options, ctx, workers)
-            written.append((work, plan, _write(work, plan, options, ctx, workers)))
-        reports = []
-        for work, plan, shards_written in written:
-            manifest = _manifest(work, plan, options)
-            if ctx.is_main:
-                manifest.save(dest)
-            reports.append(SplitReport(manifest, shards_written))
+    with _WorkerPool(workers) as pool:
+        sources = find_splits(src)
+        check_writable(dest)
+        # One launch at a time writes DEST: a double-submitted job refuses here, before it plans or writes.
+        with launch_lease(dest, f"the shards {dest}", ctx.is_main, ctx.launch):
+            # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
+            written = []
+            for source in sources:
+                work = SplitWork(dest, source.split)
+                plan = _plan(work, source, options, ctx, pool)
+                written.append((work, plan, _write(work, plan, options, ctx, pool)))
+            reports = []
+            for work, plan, shards_written in written:
+                manifest = _manifest(work, plan, options)
+                if ctx.is_main:
+                    manifest.save(dest)
+                reports.append(SplitReport(manifest, shards_written))
     return reports
 
 

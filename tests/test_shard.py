@@ -286,6 +286,27 @@ def test_one_and_three_workers_give_identical_bytes(odd_image_folder, local_run,
     assert tree(tmp_path) == tree(dest)
 
 
+def _fail_or_write_late(path: str) -> int:
+    """A unit for the worker pool: the empty path fails at once, any other is written a second later."""
+    if not path:
+        raise OSError("the unit that fails")
+    time.sleep(1.0)
+    Path(path).write_text("written after the failure")
+    return 1
+
+
+@pytest.mark.slow
+def test_a_failed_unit_stops_the_other_workers_before_the_caller_cleans_up(tmp_path):
+    """The workers live for the whole run, so a failure must stop them itself: a worker still busy with another
+    unit would otherwise write after the caller removed what the failure left."""
+    late = tmp_path / "late"
+    pool = stage._WorkerPool(2)
+    with pytest.raises(OSError, match="the unit that fails"):
+        pool.run(_fail_or_write_late, ["", str(late)], bar=stage._bar("test", 2))
+    time.sleep(1.5)
+    assert not late.exists()
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_bytes_of_one(odd_image_folder, local_run, tmp_path):
     dest, _ = local_run
