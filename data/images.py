@@ -143,10 +143,10 @@ def _png_is_complete(data: bytes) -> bool:
     return not after_image
 
 
-def _decode_fully(img: Image.Image, data: bytes) -> None:
-    """Read every byte of the image data so truncation and damage show. PNGs by _png_is_complete (where it finds
-    damage, PIL's own error is the reason when PIL finds one too); JPEGs decoded at 1/8 scale, which still reads
-    the whole entropy-coded stream."""
+def check_image_data(img: Image.Image, data: bytes) -> None:
+    """Raise where the image data of `img` (`data` as Image.open read its header) is truncated or damaged, having
+    read every byte of it. PNGs by _png_is_complete (where it finds damage, PIL's own error is the reason when PIL
+    finds one too); JPEGs decoded at 1/8 scale, which still reads the whole entropy-coded stream."""
     if img.format == "PNG":
         try:
             if _png_is_complete(data):
@@ -173,7 +173,7 @@ def inspect_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
         except Exception as exc:  # PIL's plugins raise OSError, ValueError, SyntaxError, ... on bad headers
             return Inspection(REJECT, f"unreadable header: {type(exc).__name__}: {exc}".splitlines()[0])
         try:
-            _decode_fully(img, data)
+            check_image_data(img, data)
         except Exception as exc:
             return Inspection(REJECT, f"truncated or corrupt: {type(exc).__name__}: {exc}".splitlines()[0])
     reasons = _conversion_reasons(img, data)
