@@ -416,7 +416,7 @@ def demo(
         help="Where the teacher store goes (any fsspec URL); default OUT/teacher-store.")] = None,
 ) -> None:
     """The main job end to end on Fashion-MNIST: shards, a RegNet teacher, its store, four DeiT students; then
-    the best student fine-tuned at 48 px and transferred to handwritten digits (scikit-learn's).
+    the best student fine-tuned at 40 px and transferred to handwritten digits (scikit-learn's).
 
     Finished steps are skipped on a rerun. Prints the results table and writes results.md/.json and plots.
     """

@@ -33,11 +33,11 @@ def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bu
     stores = results["stores"]
     assert set(stores) == {"store", "store_fine_tune", "store_digits"}  # no top-2 store without its student
     assert stores["store"]["views"] == stores["store_fine_tune"]["views"] == 120
-    assert (stores["store"]["img_size"], stores["store_fine_tune"]["img_size"]) == (32, 48)
+    assert (stores["store"]["img_size"], stores["store_fine_tune"]["img_size"]) == (32, 40)
     assert (stores["store"]["k"], stores["store"]["code_rank"]) == (10, 10)
-    assert stores["store_digits"]["views"] == 1498 and stores["store_digits"]["img_size"] == 48  # 1797 - val 299
+    assert stores["store_digits"]["views"] == 1498 and stores["store_digits"]["img_size"] == 40  # 1797 - val 299
     assert set(results["students"]) == set(demo.DemoConfig().students)
-    # The fine-tune starts from the best student, at 48 px; the transfers from the fine-tuned one, new heads.
+    # The fine-tune starts from the best student, at 40 px; the transfers from the fine-tuned one, new heads.
     best = max(results["students"], key=lambda name: results["students"][name]["avg_top1"])
     assert results["best_student"] == best
     fine_tune = json.loads((out / "runs" / "fine_tune" / "results.json").read_text())
