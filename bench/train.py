@@ -76,7 +76,7 @@ def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds:
             count: int) -> tuple[dict, dict[str, list[float]]]:
     """The three modes of `base` (a TrainConfig) measured in turns, the order rotating each round:
     (their runs, images/s of each turn)."""
-    from deit_pipe.stages.train import StudentRun
+    from deit_pipe.stages.train import CheckedConfig, StudentRun
 
     configs = {
         "cached": replace(base, distillation="hard", store=store),
@@ -84,7 +84,7 @@ def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds:
         "online": replace(base, distillation="hard", teacher_online=teacher, teacher_weights=weights,
                           img_size=img_size),
     }
-    runs = {mode: StudentRun(cfg) for mode, cfg in configs.items()}
+    runs = {mode: StudentRun(CheckedConfig.of(cfg, 1)) for mode, cfg in configs.items()}
     speeds: dict[str, list[float]] = {mode: [] for mode in MODES}
     for r in range(rounds):
         for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:

@@ -19,10 +19,10 @@ if TYPE_CHECKING:
     import torch
 
 _SRUN_TASKS = "SLURM_STEP_NUM_TASKS"  # set inside an srun step only (a batch script has SLURM_PROCID too)
-# Set alike for every rank of one launch, and not all alike for two launches running at once (a rendezvous
-# address and port are taken by one launch at a time).
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-                     "WORLD_SIZE")
+# Set alike for every rank of one launch (storage.lease tells a launch's own rank 0 by them, and by its start and
+# its launcher process on the same host).
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID",
+                     "SLURM_STEP_ID", "SLURM_RESTART_COUNT", "WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class RankContext:
     def launch(self) -> str:
         """What the ranks of this launch share (storage.lease: rank 0 takes the output, the others follow it)."""
         return ";".join(f"{name}={os.environ.get(name, '')}" for name in _LAUNCH_VARIABLES)
+
+    @property
+    def launch_has_no_id(self) -> bool:
+        """No variable names this launch alone (torchrun's rendezvous id, an srun step do): two launches on one host
+        may then share `launch`, and storage.lease tells their ranks apart by their launcher process."""
+        return not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_STEP_ID"))
 
     def my_units(self, units: list) -> list:
         """Round-robin split: unit u goes to rank u % world_size (disjoint, covers all)."""

@@ -168,7 +168,7 @@ def run(
         raise InputError(f"--topk {k} must be between 1 and the number of classes ({num_classes})")
     # One launch at a time writes a split: a double-submitted job refuses here, before it lays out or writes.
     with launch_lease(join(store_url, split), f"the teacher store {store_url} (split {split})", ctx.is_main,
-                      ctx.launch):
+                      ctx.launch, ctx.launch_has_no_id):
         return _fill_store(shards, store_url, manifest, teacher, recipe, views, k, batch_size, workers, device, code,
                            ctx)
 

@@ -187,14 +187,28 @@ def epoch_plan(cfg: TrainConfig, manifest: ShardManifest, world_size: int, epoch
                      cfg.engine.grad_accum)
 
 
+@dataclass(frozen=True)
+class CheckedConfig:
+    """A config that passed `check_config`, with what the check read: each rank reads its inputs once."""
+
+    cfg: TrainConfig
+    init: tuple | None  # read_weights(cfg.init)
+    recipe: ViewRecipe
+    store: TeacherStore | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world_size: int) -> CheckedConfig:
+        init = read_weights(cfg.init) if cfg.init else None
+        return cls(cfg, init, *check_config(cfg, world_size, init))
+
+
 class StudentRun:
     """One training run's components, each with one job, built once from the config on every rank."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, checked: CheckedConfig):
+        cfg = self.cfg = checked.cfg
         self.ctx = RankContext.from_env()
-        self.init = read_weights(cfg.init) if cfg.init else None  # read once: checked, then loaded
-        self.recipe, store = check_config(cfg, self.ctx.world_size, self.init)
+        self.init, self.recipe, store = checked.init, checked.recipe, checked.store
         self.device = deepspeed_engine.select_accelerator(self.ctx)
         deepspeed_engine.init_distributed(self.device)
         manifest = ShardManifest.load(cfg.shards, "train")
@@ -313,9 +327,11 @@ class StudentRun:
 
 def run(cfg: TrainConfig) -> dict:
     ctx = RankContext.from_env()
+    checked = CheckedConfig.of(cfg, ctx.world_size)  # bad input is refused before anything is written
     # One launch at a time trains into --output: a double-submitted job refuses here, before it writes.
-    with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch):
-        r = StudentRun(cfg)
+    with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch,
+                      ctx.launch_has_no_id):
+        r = StudentRun(checked)
         try:
             return _train(r)
         finally:

@@ -35,14 +35,18 @@ from deit_pipe.storage.location import is_local, join, put_atomic, resolve, stor
 
 LEASE_SECONDS = float(os.environ.get("DEIT_PIPE_LEASE_SECONDS", "120"))
 FOLLOW_TIMEOUT = 600.0  # seconds a rank waits for its rank 0 to hold the lease
+LAUNCH_SKEW = 60.0  # seconds a launcher may start rank 0 before the other ranks
 
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a lease: the process, the launch it belongs to, and when it last said it is alive."""
+    """Who holds a lease: the process (its start, so a reused pid is not taken for it), its launcher process, the
+    launch it belongs to, and when it last said it is alive."""
 
     host: str
     pid: int
+    process_start: int  # /proc/<pid>/stat start time in clock ticks (0 where there is no /proc)
+    ppid: int
     launch: str
     started: float
     renewed_at: float
@@ -51,39 +55,62 @@ class Holder:
     @classmethod
     def this_process(cls, launch: str) -> Holder:
         now = time.time()
-        return cls(socket.gethostname(), os.getpid(), launch, now, now)
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), os.getppid(), launch, now, now)
 
     def is_alive(self, now: float) -> bool:
-        if self.ended:
+        if self.ended or now - self.renewed_at > LEASE_SECONDS:
             return False
         if self.host == socket.gethostname():  # a process here can be asked directly
-            return _process_exists(self.pid)
-        return now - self.renewed_at <= LEASE_SECONDS
+            return _process_start(self.pid) == self.process_start
+        return True
+
+    def is_my_rank_0(self, launch: str, since: float, by_parent: bool) -> bool:
+        """Whether this lease is the one rank 0 of the caller's launch took: the same launcher variables, taken
+        after the caller's launch began and, where the launcher gives no launch id (`by_parent`: the deepspeed
+        launcher on its default port), on the caller's host by a child of the caller's launcher."""
+        return (self.launch == launch and self.started >= since - LAUNCH_SKEW
+                and not (by_parent and self.host == socket.gethostname() and self.ppid != os.getppid()))
 
     def describe(self, now: float) -> str:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
         return f"pid {self.pid} on {self.host}, started {started}, renewed {max(0.0, now - self.renewed_at):.0f} s ago"
 
 
-def _process_exists(pid: int) -> bool:
+def _process_start(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), None without such a process; 0 where there is no /proc
+    (then a process that exists counts as the one recorded)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc/self") else _kill_0(pid)
+    except (OSError, IndexError, ValueError):
+        return _kill_0(pid)
+
+
+def _kill_0(pid: int) -> int | None:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    return 0
 
 
 class LaunchLease:
-    """The lease on one output, held by this process until `release` (or the process's end)."""
+    """The lease on one output: held by rank 0 of a launch until `release`, watched by its other ranks."""
 
-    def __init__(self, url: str, generation: int, holder: Holder):
+    def __init__(self, url: str, generation: int, holder: Holder, held: bool, since: float = 0.0,
+                 by_parent: bool = False):
         self.url = url
         self.generation = generation
         self.holder = holder
+        self.held = held  # rank 0 renews it; the other ranks only watch that it is still their launch's
+        self.since, self.by_parent = since, by_parent  # (the other ranks) how they know their rank 0's lease
         self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew, name=f"lease {url}", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name=f"lease {url}", daemon=True)
+        self._watcher.start()
 
     # -- taking ---------------------------------------------------------------------------------------
 
@@ -99,41 +126,52 @@ class LaunchLease:
                                  f"to end; if it was killed on another host, its lease expires "
                                  f"{LEASE_SECONDS:.0f} s after its last renewal")
             if _create_if_absent(_key(url, generation + 1), _encode(me)):
-                lease = cls(url, generation + 1, me)
+                lease = cls(url, generation + 1, me, held=True)
                 lease._drop_older()
-                lease._renewer.start()
                 return lease
             # Another launch took this generation first: look again (it is alive, so this refuses).
 
-    @staticmethod
-    def follow(output: str, what: str, launch: str) -> None:
-        """A rank other than 0: wait until rank 0 of this launch holds the lease."""
-        url = join(output, "_lease")
+    @classmethod
+    def follow(cls, output: str, what: str, launch: str, by_parent: bool = False) -> LaunchLease:
+        """A rank other than 0: wait until rank 0 of this launch holds the lease, then watch it."""
+        url, since = join(output, "_lease"), _launch_began()
+        found: list[tuple[int, Holder]] = []
 
         def not_held() -> list[str]:
-            _, current = _newest(url)
-            return [] if current is not None and current.launch == launch else [url]
+            generation, current = _newest(url)
+            if current is not None and current.is_my_rank_0(launch, since, by_parent):
+                found.append((generation, current))
+                return []
+            return [url]
 
         wait_until(not_held, f"rank 0 to take the lease on {what} (another launch may hold it)", FOLLOW_TIMEOUT,
                    poll=0.5)
+        return cls(url, *found[-1], held=False, since=since, by_parent=by_parent)
 
     # -- holding --------------------------------------------------------------------------------------
 
-    def _renew(self) -> None:
+    def _watch(self) -> None:
+        """Every LEASE_SECONDS / 4: stop the process if the lease went to another launch (a newer generation, or
+        another holder in this one: a store that ignored the conditional PUT); rank 0 renews it."""
         while not self._stop.wait(LEASE_SECONDS / 4):
-            with contextlib.suppress(Exception):  # a failed renewal is retried; expiry allows three misses
+            with contextlib.suppress(Exception):  # a failed look or renewal is retried; expiry allows three misses
                 generation, current = _newest(self.url)
-                if generation > self.generation:
+                ours = current is None or (generation == self.generation and _same_process(current, self.holder))
+                if not ours and not self.held and current.is_my_rank_0(self.holder.launch, self.since, self.by_parent):
+                    # The lease this rank found was an earlier launch's; its own rank 0 holds the newer one.
+                    self.generation, self.holder = generation, current
+                elif not ours and generation >= self.generation:
                     self._lost(current)
-                self.holder = Holder(**{**asdict(self.holder), "renewed_at": time.time()})
-                put_atomic(_key(self.url, self.generation), _encode(self.holder))
+                if self.held:
+                    self.holder = Holder(**{**asdict(self.holder), "renewed_at": time.time()})
+                    put_atomic(_key(self.url, self.generation), _encode(self.holder))
 
     def _lost(self, winner: Holder | None) -> None:
         """Another launch took the output over (this one stopped renewing for too long): stop writing now."""
         by = winner.describe(time.time()) if winner else "another launch"
         print(f"deit-pipe: error: lost the lease on {self.url} to {by} after not renewing it for "
               f"{LEASE_SECONDS:.0f} s: this launch stops; committed work is kept", file=sys.stderr, flush=True)
-        os._exit(3)  # from this thread, so no more writes of this launch can follow
+        os._exit(3)  # from this thread, so no more writes of this process can follow
 
     def _drop_older(self) -> None:
         fs, path = resolve(self.url)
@@ -143,28 +181,42 @@ class LaunchLease:
                     fs.rm_file(posixpath.join(path, f"{generation:08d}.json"))
 
     def release(self) -> None:
+        """Stop watching; rank 0 marks the lease ended."""
         self._stop.set()
-        if self._renewer.is_alive():
-            self._renewer.join()
-        self.holder = Holder(**{**asdict(self.holder), "renewed_at": time.time(), "ended": True})
-        put_atomic(_key(self.url, self.generation), _encode(self.holder))
+        self._watcher.join()
+        if self.held:
+            self.holder = Holder(**{**asdict(self.holder), "renewed_at": time.time(), "ended": True})
+            put_atomic(_key(self.url, self.generation), _encode(self.holder))
 
     def __enter__(self) -> LaunchLease:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.release()
+        else:  # the error on its way out is the one to report, not a failed release behind it
+            with contextlib.suppress(Exception):
+                self.release()
 
 
-@contextlib.contextmanager
-def launch_lease(output: str, what: str, is_main: bool, launch: str):
-    """Rank 0 holds `output`'s lease for the block; the other ranks enter once their rank 0 holds it."""
-    if is_main:
-        with LaunchLease.take(output, what, launch):
-            yield
-    else:
-        LaunchLease.follow(output, what, launch)
-        yield
+def launch_lease(output: str, what: str, is_main: bool, launch: str, by_parent: bool) -> LaunchLease:
+    """Rank 0 takes `output`'s lease; the other ranks return once their rank 0 holds it. Use it with `with`."""
+    return LaunchLease.take(output, what, launch) if is_main else LaunchLease.follow(output, what, launch, by_parent)
+
+
+def _launch_began() -> float:
+    """When this process's launcher started it (the process's own start time; now without /proc)."""
+    try:
+        ticks = _process_start(os.getpid()) or 0
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK") if ticks else time.time()
+    except (OSError, ValueError):
+        return time.time()
+
+
+def _same_process(a: Holder, b: Holder) -> bool:
+    return (a.host, a.pid, a.process_start, a.started) == (b.host, b.pid, b.process_start, b.started)
 
 
 def _key(url: str, generation: int) -> str:
@@ -191,12 +243,17 @@ def _newest(url: str) -> tuple[int, Holder | None]:
     generations = _generations(url)
     if not generations:
         return 0, None
-    fs, path = resolve(_key(url, generations[-1]))
+    key = _key(url, generations[-1])
+    fs, path = resolve(key)
     try:
         with storage_errors("read", url):
-            return generations[-1], Holder(**json.loads(fs.cat_file(path)))
+            record = fs.cat_file(path)
     except FileNotFoundError:  # dropped by a newer generation's holder between the listing and the read
         return _newest(url)
+    try:
+        return generations[-1], Holder(**json.loads(record))
+    except (ValueError, TypeError):
+        raise InputError(f"{key} is not a lease deit-pipe wrote: remove it if no launch is writing there") from None
 
 
 def _create_if_absent(url: str, data: bytes) -> bool:
@@ -214,7 +271,8 @@ def _create_if_absent(url: str, data: bytes) -> bool:
                 try:
                     os.link(tmp, path)  # atomic, and fails if the name exists
                 except FileExistsError:
-                    return False
+                    # NFS: a retransmitted LINK answers EEXIST for a link the first one made.
+                    return os.stat(tmp).st_nlink == 2
             return True
         finally:
             with contextlib.suppress(OSError):

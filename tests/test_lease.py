@@ -37,10 +37,17 @@ def lease_objects(output: str) -> dict[str, dict]:
     return {os.path.basename(p): json.loads(fs.cat_file(p)) for p in fs.find(path)}
 
 
+def own_start() -> int:
+    """This process's start time in clock ticks since boot: field 22 of /proc/self/stat (proc(5))."""
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
 def write_lease(output: str, generation: int, **holder) -> None:
-    """A lease as another process would have left it (its holder's fields written out here)."""
-    fields = {"host": socket.gethostname(), "pid": os.getpid(), "launch": "", "started": time.time(),
-              "renewed_at": time.time(), **holder}
+    """A lease as another process would have left it (its holder's fields written out here): by default this
+    live process's."""
+    fields = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": own_start(), "ppid": os.getppid(),
+              "launch": "", "started": time.time(), "renewed_at": time.time(), **holder}
     with fsspec.open(f"{output}/_lease/{generation:08d}.json", "wb") as f:
         f.write(json.dumps(fields).encode())
 
@@ -74,6 +81,13 @@ def test_the_lease_of_a_process_that_died_is_taken_over(output):
     with LaunchLease.take(output, WHAT) as taken:
         assert taken.generation == 2
         assert list(lease_objects(output)) == ["00000002.json"]  # the dead holder's lease is gone
+
+
+def test_a_lease_whose_pid_now_belongs_to_another_process_is_taken_over(output):
+    """A restarted container hands out the same small pids: the process start tells the holder from its heir."""
+    write_lease(output, 1, process_start=own_start() - 100)
+    with LaunchLease.take(output, WHAT) as taken:
+        assert taken.generation == 2
 
 
 def test_a_lease_on_another_host_expires_when_its_holder_stops_renewing_it(output):
@@ -115,8 +129,60 @@ def test_a_holder_whose_lease_was_taken_over_stops_at_its_next_renewal(output):
 
 def test_other_ranks_start_once_their_own_rank_0_holds_the_lease(output, monkeypatch):
     monkeypatch.setattr(lease_module, "FOLLOW_TIMEOUT", 1.0)
+    refused = f"timed out waiting for rank 0 to take the lease on {WHAT}"
     with LaunchLease.take(output, WHAT, launch="MASTER_PORT=1"):
-        LaunchLease.follow(output, WHAT, "MASTER_PORT=1")  # returns: its rank 0 holds it
-        with pytest.raises(InputError, match=f"timed out waiting for rank 0 to take the lease on {WHAT}"):
-            LaunchLease.follow(output, WHAT, "MASTER_PORT=2")  # a refused launch's rank never starts
-    LaunchLease.follow(output, WHAT, "MASTER_PORT=1")  # its rank 0 already done: the ended lease still says so
+        with LaunchLease.follow(output, WHAT, "MASTER_PORT=1"):  # returns: its rank 0 holds it
+            pass
+        with pytest.raises(InputError, match=refused):
+            LaunchLease.follow(output, WHAT, "MASTER_PORT=2")  # another launch's rank never starts
+    with LaunchLease.follow(output, WHAT, "MASTER_PORT=1"):  # its rank 0 already done: the ended lease says so
+        pass
+    # A launch with the same launcher variables but another launcher process on this host (a second deepspeed
+    # launcher on its default port, which gives no launch id): its ranks wait for their own rank 0, refused.
+    holder = python(f"""
+        with LaunchLease.take({output!r}, 'x', launch='MASTER_PORT=1'):
+            print('holding', flush=True); time.sleep(30)
+        """)
+    assert holder.stdout.readline().strip() == "holding"
+    try:
+        with pytest.raises(InputError, match=refused):
+            LaunchLease.follow(output, WHAT, "MASTER_PORT=1", by_parent=True)
+    finally:
+        holder.kill()
+
+
+def test_every_rank_stops_when_the_lease_goes_to_another_launch(output):
+    """Not rank 0 alone: its other ranks watch the lease too (a newer generation, here written by hand)."""
+    short = {"DEIT_PIPE_LEASE_SECONDS": "1"}
+    holder = python(f"""
+        with LaunchLease.take({output!r}, 'x', launch='L'):
+            print('holding', flush=True); time.sleep(60)
+        """, **short)
+    assert holder.stdout.readline().strip() == "holding"
+    follower = python(f"""
+        with LaunchLease.follow({output!r}, 'x', 'L'):
+            print('following', flush=True); time.sleep(60)
+        """, **short)
+    assert follower.stdout.readline().strip() == "following"
+    write_lease(output, 2, host="node-3", pid=7)
+    assert (holder.wait(timeout=30), follower.wait(timeout=30)) == (3, 3)
+    assert "lost the lease on" in follower.stderr.read()
+
+
+def test_a_store_that_ignored_the_conditional_put_is_caught_at_the_next_renewal(output):
+    """Two launches both "created" generation 1 on a store without If-None-Match: the one whose record is no
+    longer there stops."""
+    holder = python(f"""
+        LaunchLease.take({output!r}, 'x')
+        print('holding', flush=True); time.sleep(60)
+        """, DEIT_PIPE_LEASE_SECONDS="1")
+    assert holder.stdout.readline().strip() == "holding"
+    write_lease(output, 1)  # this process's record over the holder's
+    assert holder.wait(timeout=30) == 3
+
+
+def test_a_lease_file_deit_pipe_did_not_write_is_one_line(output):
+    with fsspec.open(f"{output}/_lease/00000001.json", "wb") as f:
+        f.write(b"{not json")
+    with pytest.raises(InputError, match=r"_lease/00000001.json is not a lease deit-pipe wrote: remove it"):
+        LaunchLease.take(output, WHAT)

@@ -333,6 +333,7 @@ def test_a_second_launch_on_the_store_refuses_in_one_line_and_wipes_nothing(shar
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.005)
     first.send_signal(signal.SIGSTOP)  # held still while the second launch starts
+    assert (store / "train" / "_lease" / "00000001.json").exists()  # laying out the store wiped nothing there
     second = cli(*cli_args(shards, store, weights), env={**os.environ, **ONE_THREAD})
     _, err = second.communicate(timeout=120)
     first.send_signal(signal.SIGCONT)
