@@ -5,12 +5,15 @@ connections or holds them 2 s."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
 import pytest
 import torch
-from cli_run import deit_pipe, tiny_teacher_logits
+from cli_run import deit_pipe, tiny_teacher_logits, tiny_train_epoch
 
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.models.export import export_safetensors
@@ -61,6 +64,51 @@ def failing(method: str, path_part: str, status: int = 500):
     return lambda request_method, path, n: status if request_method == method and path_part in path else None
 
 
+class FlakyStore:
+    """The proxy's faults, by kind of request (GET, HEAD, PUT, POST, DELETE, list): the first of each kind and 30%
+    of the rest answer 500 InternalError or 503 SlowDown (half each), 5% more drop the connection unanswered, drawn
+    from a generator seeded with the kind; one request from each number in DELAYED on is held 2 s. `requests`:
+    kind -> what became of its requests -> count.
+
+    Runs through it take botocore's standard retry mode (RETRY_MODE): the CLI's default, adaptive, also slows its
+    own request rate after each SlowDown, which at 15% of requests whatever the rate about doubles the test's time
+    for the same result."""
+
+    RETRY_MODE = {"AWS_RETRY_MODE": "standard"}
+    DELAYED = (10, 40, 70)
+
+    def __init__(self):
+        self.draws: dict[str, random.Random] = {}
+        self.delays_due = list(self.DELAYED)
+        self.requests: dict[str, Counter] = defaultdict(Counter)
+
+    def __call__(self, method: str, path: str, n: int):
+        kind = "list" if method == "GET" and "list-type=" in path else method
+        draw = self.draws.setdefault(kind, random.Random(kind)).random()
+        if not self.requests[kind]:
+            fault = 500
+        elif self.delays_due and n >= self.delays_due[0]:
+            self.delays_due.pop(0)
+            fault = "delay"
+        elif draw < 0.15:
+            fault = 500
+        elif draw < 0.3:
+            fault = 503
+        elif draw < 0.35:
+            fault = "drop"
+        else:
+            fault = None
+        self.requests[kind][fault or "forwarded"] += 1
+        return fault
+
+    def assert_met_every_fault(self, kinds: set[str]) -> None:
+        """The run made requests of `kinds` (no other) and met errors on each kind, and every other fault."""
+        print(f"\nrequests by kind and fate: {dict(self.requests)}")
+        assert set(self.requests) == kinds and all(f[500] + f[503] for f in self.requests.values()), self.requests
+        met = sum(self.requests.values(), Counter())
+        assert met[500] and met[503] and met["drop"] and met["delay"] == len(self.DELAYED), met
+
+
 @pytest.fixture
 def clean(fmnist_folder, tmp_path) -> Path:
     out = tmp_path / "clean"
@@ -72,15 +120,22 @@ def clean(fmnist_folder, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def tiny(fmnist_folder, tmp_path_factory) -> dict[str, Path]:
     """Local shards of 100 samples (two train shards: few requests, so the retries' backoff stays short), a
-    teacher's weights, and a clean local run of teacher-logits (its store)."""
+    teacher's weights, and clean local runs of teacher-logits (its store) and of train on them (its output)."""
     root = tmp_path_factory.mktemp("tiny")
-    runs = {"shards": root / "shards", "weights": root / "teacher.safetensors", "store": root / "store"}
+    runs = {"shards": root / "shards", "weights": root / "teacher.safetensors", "store": root / "store",
+            "train": root / "train"}
     shard_stage.run(str(fmnist_folder), str(runs["shards"]), shard_stage.ShardOptions(samples_per_shard=100), 1,
                     RankContext())
     torch.manual_seed(0)
     export_safetensors(create_teacher("regnetx_002", 10, None)[0], str(runs["weights"]))
     deit_pipe(*tiny_teacher_logits(str(runs["shards"]), str(runs["store"]), str(runs["weights"])))
+    deit_pipe(*tiny_train_epoch(str(runs["shards"]), str(runs["train"]), str(runs["store"])))
     return runs
+
+
+def upload(local: Path, url: str, s3_server: str) -> str:
+    moto(s3_server).put(str(local), url.removeprefix("s3://"), recursive=True)
+    return url
 
 
 @pytest.mark.slow
@@ -107,6 +162,31 @@ def test_a_store_failing_past_the_retries_is_one_line_exit_3_and_the_rerun_compl
     rerun = shard_cli(fmnist_folder, dest)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     same_as_local(dest, clean, s3_server, shards_and_manifests)
+
+
+@pytest.mark.slow
+def test_teacher_logits_and_train_through_a_flaky_store_give_the_clean_runs_results(tiny, s3_bucket, s3_proxy,
+                                                                                    s3_server, tmp_path):
+    """Through an object store failing 30% of every kind of request, dropping some connections and holding a few,
+    teacher-logits writes a store whose every object is the clean local run's file, and train, reading shards and a
+    store from it, exports the clean run's student. The two run side by side: the retries' backoff (about 0.7 s a
+    fault, a hundred faults each) is most of their time."""
+    shards = upload(tiny["shards"], f"{s3_bucket}/shards", s3_server)
+    read_store = upload(tiny["store"], f"{s3_bucket}/read-store", s3_server)
+    flaky = FlakyStore()
+    s3_proxy(fault=flaky)
+    written_store = f"{s3_bucket}/store"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(deit_pipe, *tiny_teacher_logits(str(tiny["shards"]), written_store, str(tiny["weights"])),
+                            **flaky.RETRY_MODE),
+                pool.submit(deit_pipe, *tiny_train_epoch(shards, str(tmp_path / "train"), read_store),
+                            **flaky.RETRY_MODE)]
+        for run in runs:
+            run.result()
+    same_as_local(written_store, tiny["store"], s3_server)
+    assert (tmp_path / "train" / "student.safetensors").read_bytes() == \
+        (tiny["train"] / "student.safetensors").read_bytes()
+    flaky.assert_met_every_fault({"GET", "HEAD", "PUT", "POST", "DELETE", "list"})
 
 
 # Where successive teacher-logits runs meet a store failing past its retries (each run finds what the earlier ones
