@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -463,6 +464,9 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=False)
     except (InputError, EnvironmentFault) as exc:
         typer.echo(f"deit-pipe: error: {rank_prefix()}{one_line(exc)}", err=True)
+        # A store call that failed part way leaves zarr's other coroutines unawaited: the warnings Python prints
+        # about them at exit would follow the one line.
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("deit-pipe: interrupted", err=True)

@@ -108,7 +108,8 @@ class TeacherStore:
         group_url = cls._group_url(url, split)
         if not cls.exists(url, split):
             raise InputError(f"no teacher store for split '{split}' at {url} (run `deit-pipe teacher-logits`)")
-        return cls(url, split, zarr.open_group(group_url, mode="r+" if writable else "r"))
+        with storage_errors("open", group_url):
+            return cls(url, split, zarr.open_group(group_url, mode="r+" if writable else "r"))
 
     @classmethod
     def exists(cls, url: str, split: str) -> bool:
@@ -122,18 +123,21 @@ class TeacherStore:
         the other ranks wait in `wait_layout`). The group is opened, never wiped: only the arrays of a layout cut
         short, which no unit was committed to, are written over."""
         n, spc = binding["num_samples"], binding["samples_per_shard"]
-        group = zarr.open_group(cls._group_url(url, split), mode="a")
-        for name, (tail, dtype) in _arrays(binding).items():
-            # Small integer codes compress best unshuffled; floats and wide ints with bit shuffling.
-            shuffle = "noshuffle" if dtype == "int8" else "bitshuffle"
-            group.create_array(
-                name, shape=(n, num_views, *tail), chunks=(spc, 1, *tail), dtype=dtype,
-                fill_value=0, compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)], overwrite=True,
-            )
-        for name, values in zip(CODE_ARRAYS, code, strict=True):
-            if values.size:  # zarr wants no empty axis: a code of rank 0 has only its mean
-                group.create_array(name, data=values.astype(np.float32), overwrite=True)
-        group.attrs.update({**binding, "num_views": num_views, "provenance": provenance, "code_error": code_error})
+        group_url = cls._group_url(url, split)
+        with storage_errors("lay out", group_url):
+            group = zarr.open_group(group_url, mode="a")
+            for name, (tail, dtype) in _arrays(binding).items():
+                # Small integer codes compress best unshuffled; floats and wide ints with bit shuffling.
+                shuffle = "noshuffle" if dtype == "int8" else "bitshuffle"
+                group.create_array(
+                    name, shape=(n, num_views, *tail), chunks=(spc, 1, *tail), dtype=dtype, fill_value=0,
+                    compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)], overwrite=True,
+                )
+            for name, values in zip(CODE_ARRAYS, code, strict=True):
+                if values.size:  # zarr wants no empty axis: a code of rank 0 has only its mean
+                    group.create_array(name, data=values.astype(np.float32), overwrite=True)
+            group.attrs.update({**binding, "num_views": num_views, "provenance": provenance,
+                                "code_error": code_error})
         store = cls(url, split, group)
         store._mark_layout()
         store.commits.commit(LAYOUT_MARKER)
@@ -155,10 +159,11 @@ class TeacherStore:
 
     def code_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(code_mean [C], code_basis [r, C], code_steps [r]) as written at layout."""
-        mean = self.group["code_mean"][:]
-        if not self.group.attrs["code"]["rank"]:
-            return mean, np.zeros((0, len(mean)), np.float32), np.zeros(0, np.float32)
-        return mean, self.group["code_basis"][:], self.group["code_steps"][:]
+        with storage_errors("read", f"{self.url} (the logit code)"):
+            mean = self.group["code_mean"][:]
+            if not self.group.attrs["code"]["rank"]:
+                return mean, np.zeros((0, len(mean)), np.float32), np.zeros(0, np.float32)
+            return mean, self.group["code_basis"][:], self.group["code_steps"][:]
 
     def check_binding(self, expected: dict, recipe: dict | None = None) -> None:
         """Refuse a store made for other shards/recipe/teacher, naming the first field that differs
@@ -185,10 +190,12 @@ class TeacherStore:
         """Grow the view axis: existing chunks are untouched, new views land in new chunks."""
         if num_views <= self.num_views:
             return
-        for name in _arrays(self.attrs):
-            arr = self._array(name)
-            arr.resize((arr.shape[0], num_views, *arr.shape[2:]))
-        self.group.attrs["num_views"] = num_views
+        # Cut short, the rerun finds the old view count in the attributes and grows every array again.
+        with storage_errors("add views to", self._group_url(self.url, self.split)):
+            for name in _arrays(self.attrs):
+                arr = self._array(name)
+                arr.resize((arr.shape[0], num_views, *arr.shape[2:]))
+            self.group.attrs["num_views"] = num_views
         self._mark_layout()
 
     # -- commit markers -----------------------------------------------------------------------------
@@ -243,9 +250,11 @@ class TeacherStore:
 
     def nbytes_stored(self) -> int:
         """Bytes of every object of this split's store: chunks, metadata and markers."""
-        fs, path = resolve(self._group_url(self.url, self.split))
+        url = self._group_url(self.url, self.split)
+        fs, path = resolve(url)
         fs.invalidate_cache()
-        return int(fs.du(path, total=True))
+        with storage_errors("list", url):
+            return int(fs.du(path, total=True))
 
 
 def _unit_name(shard: int, v: int) -> str:

@@ -71,13 +71,21 @@ def s3_server():
             fsspec.config.conf["s3"] = saved_conf
 
 
+# What the fault proxy answers a failed request with: S3's error code for the status.
+_S3_ERROR_CODES = {500: "InternalError", 503: "SlowDown"}
+PROXY_DELAY_S = 2.0  # how long a "delay" fault holds a request before forwarding it
+
+
 class S3RequestCounter:
     """A reverse proxy in front of moto's server that counts the requests passing through it, by method."""
 
     def __init__(self, upstream: str, fault=None):
-        """`fault(method, path, n)` -> an HTTP status to answer instead of forwarding the n-th request, or None."""
+        """`fault(method, path, n)` -> what becomes of the n-th request: an HTTP status to answer instead of
+        forwarding it, "drop" (the connection closed without an answer), "delay" (forwarded PROXY_DELAY_S
+        later), or None (forwarded)."""
         import http.client
         import threading
+        import time
         from collections import Counter
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlsplit
@@ -94,9 +102,15 @@ class S3RequestCounter:
                 with lock:
                     counts["all"] += 1
                     status = fault(self.command, self.path, counts["all"]) if fault else None
-                if status is not None:
+                if status == "drop":
+                    self.close_connection = True  # the request was read: the client sees the socket close
+                    return
+                if status == "delay":
+                    time.sleep(PROXY_DELAY_S)
+                elif status is not None:
                     self.send_response(status)
-                    message = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    code = _S3_ERROR_CODES.get(status, "InternalError")
+                    message = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
                     self.send_header("Content-Length", str(len(message)))
                     self.end_headers()
                     if self.command != "HEAD":  # a HEAD reply has no body: the connection stays usable

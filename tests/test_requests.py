@@ -3,23 +3,14 @@ front of moto's S3 server, for every process a stage starts."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from cli_run import deit_pipe, tiny_teacher_logits, tiny_train_epoch
 
 from deit_pipe.models.export import export_safetensors
 from deit_pipe.models.registry import create_teacher
 
 SHARDS = 4
-
-
-def deit_pipe(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "deit_pipe.pipeline.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def stage_requests(tmp_path, bucket: str, counter, per_shard: int, weights: str) -> dict[str, dict[str, int]]:
@@ -30,13 +21,9 @@ def stage_requests(tmp_path, bucket: str, counter, per_shard: int, weights: str)
     counts = {}
     deit_pipe("shard", str(folder), shards, "--samples-per-shard", str(per_shard), "--workers", "1")
     counts["shard"] = counter.take()
-    deit_pipe("teacher-logits", shards, store, "--teacher", "regnetx_002", "--teacher-weights", weights, "--views", "3",
-              "--img-size", "32", "--workers", "0", "--precision", "fp32")
+    deit_pipe(*tiny_teacher_logits(shards, store, weights))
     counts["teacher-logits"] = counter.take()
-    deit_pipe("train", shards, "-o", str(tmp_path / f"run{per_shard}"), "--logits", store, "--model",
-              "deit_tiny_distilled_patch16_224", "--patch-size", "4", "--depth", "1", "--embed-dim", "32",
-              "--num-heads", "2", "--epochs", "1", "--repeats", "3", "--batch-size", "8", "--workers", "0",
-              "--zero", "0", "--precision", "fp32")
+    deit_pipe(*tiny_train_epoch(shards, str(tmp_path / f"run{per_shard}"), store))
     counts["train epoch"] = counter.take()
     return counts
 
