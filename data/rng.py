@@ -24,9 +24,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-# Serialises seeded scopes between threads of one process (they share the global generators).
-# Loader workers are processes and need no lock.
-_GLOBAL_RNG_LOCK = threading.RLock()
+from deit_pipe.rng_lock import GLOBAL_RNG_LOCK
+
 _scope = threading.local()  # how deep this thread is in `global_rngs_restored`
 
 
@@ -63,7 +62,7 @@ def global_rngs_restored():
     """
     import torch  # here, not at the top: the shard stage derives its sample order without loading torch (~1 s)
 
-    with _GLOBAL_RNG_LOCK:
+    with GLOBAL_RNG_LOCK:  # other threads of the process share the generators (deit_pipe.rng_lock)
         depth = getattr(_scope, "depth", 0)
         saved = None if depth else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
         _scope.depth = depth + 1

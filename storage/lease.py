@@ -31,6 +31,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from deit_pipe.errors import InputError
+from deit_pipe.rng_lock import GLOBAL_RNG_LOCK
 from deit_pipe.storage.location import is_local, join, put_atomic, resolve, storage_errors, wait_until
 
 LEASE_SECONDS = float(os.environ.get("DEIT_PIPE_LEASE_SECONDS", "120"))
@@ -154,7 +155,9 @@ class LaunchLease:
         """Every LEASE_SECONDS / 4: stop the process if the lease went to another launch (a newer generation, or
         another holder in this one: a store that ignored the conditional PUT); rank 0 renews it."""
         while not self._stop.wait(LEASE_SECONDS / 4):
-            with contextlib.suppress(Exception):  # a failed look or renewal is retried; expiry allows three misses
+            # The lock: botocore draws its retry jitter from python's global `random`, which the views of this
+            # process must have to themselves.
+            with GLOBAL_RNG_LOCK, contextlib.suppress(Exception):  # a failed look or renewal is retried (3 misses)
                 generation, current = _newest(self.url)
                 ours = current is None or (generation == self.generation and _same_process(current, self.holder))
                 if not ours and not self.held and current.is_my_rank_0(self.holder.launch, self.since, self.by_parent):

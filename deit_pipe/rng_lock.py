@@ -1,0 +1,11 @@
+"""The lock a thread holds while the process's global random generators must not move under another thread.
+
+Views are drawn from python `random`, `numpy.random` and torch's generator (timm's transforms use the globals), so
+a thread of the same process that draws from them meanwhile would change the views: botocore draws its retry
+jitter from `random`. data.rng holds this lock for every seeded scope; a thread making object-store calls beside
+view making (storage.lease's watcher) holds it for those calls.
+"""
+
+import threading
+
+GLOBAL_RNG_LOCK = threading.RLock()
