@@ -6,6 +6,12 @@ jitter from `random`. data.rng holds this lock for every seeded scope; a thread 
 view making (storage.lease's watcher) holds it for those calls.
 """
 
+import os
 import threading
 
 GLOBAL_RNG_LOCK = threading.RLock()
+
+# A process forked (a loader worker) while another thread held the lock would inherit it held by a thread it does not
+# have, and wait forever at its first view: fork only while this thread holds it, then release it on both sides.
+os.register_at_fork(before=GLOBAL_RNG_LOCK.acquire, after_in_parent=GLOBAL_RNG_LOCK.release,
+                    after_in_child=GLOBAL_RNG_LOCK.release)

@@ -7,8 +7,11 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 import weakref
 from contextlib import contextmanager
 
@@ -184,6 +187,35 @@ def test_a_batch_saves_and_restores_the_global_generators_once_not_once_per_view
     batch = ViewMaker(RECIPE, SPLIT).shard_views(shards[0], 0, v=0)
     assert len(batch.idx) > 1 and len(saves) == 2  # the batch's own save, and `before`'s
     _assert_rng_state_equal(before, _global_rng_state())
+
+
+def test_a_process_forked_while_another_thread_holds_the_rng_lock_still_makes_views(shards):
+    """A loader worker forked while the lease's watcher held the lock for an object-store call would have inherited
+    it held by a thread it does not have, and waited forever at its first view."""
+    from deit_pipe.rng_lock import GLOBAL_RNG_LOCK
+
+    held = threading.Event()
+
+    def hold():
+        with GLOBAL_RNG_LOCK:
+            held.set()
+            time.sleep(1)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:  # the worker: one view, then out
+        ViewMaker(RECIPE, SPLIT).unmixed(shards[0][0], v=0)
+        os._exit(0)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    holder.join()
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
 
 
 _FRESH_PROCESS = """
