@@ -133,7 +133,8 @@ class Checkpoints:
 
     def load(self, engine, resume: Resume | None, grad_accum: int,
              steps_in: Callable[[int], int]) -> tuple[int, int, int]:
-        """(epoch, step within it, total steps) to continue from; (0, 0, 0) without a checkpoint."""
+        """(epoch, step within it, total steps) to continue from; (0, 0, 0) without a checkpoint. A checkpoint at
+        an epoch's end gives (epoch, its steps): the caller knows whether that epoch's row was written."""
         if resume is None:
             return 0, 0, 0
         tag = self._universal_copy(resume.tag) if resume.universal else resume.tag
@@ -144,9 +145,7 @@ class Checkpoints:
         epoch, step = pos.epoch, pos.step
         if pos.samples_per_step != self.samples_per_step:
             step = pos.step * pos.samples_per_step // self.samples_per_step // grad_accum * grad_accum
-        if step >= steps_in(epoch):
-            epoch, step = epoch + 1, 0
-        return epoch, step, pos.total_steps
+        return epoch, min(step, steps_in(epoch)), pos.total_steps
 
     def _universal_copy(self, tag: str) -> str:
         """Convert checkpoint `tag` to DeepSpeed's universal form (rank 0, once); returns the new tag."""

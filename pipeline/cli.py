@@ -463,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except (InputError, EnvironmentFault) as exc:
-        typer.echo(f"deit-pipe: error: {rank_prefix()}{one_line(exc)}", err=True)
+        rerun = f": {exc.rerun}" if isinstance(exc, EnvironmentFault) and exc.rerun else ""
+        typer.echo(f"deit-pipe: error: {rank_prefix()}{one_line(exc)}{rerun}", err=True)
         # A store call that failed part way leaves zarr's other coroutines unawaited: the warnings Python prints
         # about them at exit would follow the one line.
         warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)

@@ -24,15 +24,15 @@ from deit_pipe.models.registry import head_logits
 from deit_pipe.storage.manifest import ShardManifest
 
 
-def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> float:
+def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> float | None:
     """The mean of every rank's values (ranks may hold different numbers of them; 0-d tensors stay on the device
-    until this one reduction)."""
+    until this one reduction); None when no rank has any."""
     total = torch.tensor([0.0, len(values)], dtype=torch.float64, device=device)
     for value in values:
         total[0] += value
     dist.all_reduce(total)
     value_sum, count = total.tolist()
-    return value_sum / max(count, 1.0)
+    return value_sum / count if count else None
 
 
 @torch.no_grad()

@@ -59,6 +59,10 @@ class RunRecords:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def has_epoch(self, epoch: int) -> bool:
+        """Whether `epoch`'s row is written (read on every rank: the output is shared)."""
+        return os.path.exists(self.metrics_path) and any(r["epoch"] == epoch for r in read_jsonl(self.metrics_path))
+
     def close(self) -> None:
         if self._steps is not None:
             self.flush()

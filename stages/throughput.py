@@ -82,7 +82,7 @@ def largest_batch(runs: Callable[[int], object], cap: int) -> int:
         fitted, batch = batch, batch * 2
     torch.cuda.empty_cache()  # the failed attempt's blocks, before the timed run allocates its own
     if not fitted:
-        raise EnvironmentFault("a batch of one image does not fit in GPU memory")
+        raise EnvironmentFault("a batch of one image does not fit in GPU memory", rerun=None)
     return fitted
 
 

@@ -37,7 +37,7 @@ from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.checkpoint import Checkpoints
 from deit_pipe.distributed.context import RankContext, loader_workers
 from deit_pipe.distributed.deepspeed_engine import EngineSpec, param_digest
-from deit_pipe.errors import InputError
+from deit_pipe.errors import EnvironmentFault, InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import CachedTeacher, LogitCode, OnlineTeacher, StoreEntry, served_kl
 from deit_pipe.models.export import exported_model, read_weights
@@ -296,8 +296,8 @@ class StudentRun:
         return loss.detach()
 
     def end_epoch(self, epoch: int, total_steps: int, losses: list[torch.Tensor], seconds: float) -> None:
-        """The epoch's row: the mean loss over every rank's steps (a resumed epoch: the steps after the resume),
-        and the val accuracy."""
+        """The epoch's row: the mean loss over every rank's steps (a resumed epoch: the steps after the resume; None
+        when the resume was at its end), and the val accuracy."""
         scores = self.evaluation(self.engine, self.cfg.engine.zero) if self.evaluation else {}
         self.records.epoch({"epoch": epoch, "steps": total_steps,
                             "train_loss": metrics.mean_over_ranks(losses, self.device),
@@ -327,15 +327,20 @@ class StudentRun:
 
 def run(cfg: TrainConfig) -> dict:
     ctx = RankContext.from_env()
-    checked = CheckedConfig.of(cfg, ctx.world_size)  # bad input is refused before anything is written
-    # One launch at a time trains into --output: a double-submitted job refuses here, before it writes.
-    with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch,
-                      ctx.launch_has_no_id):
-        r = StudentRun(checked)
-        try:
-            return _train(r)
-        finally:
-            r.close()
+    try:
+        checked = CheckedConfig.of(cfg, ctx.world_size)  # bad input is refused before anything is written
+        # One launch at a time trains into --output: a double-submitted job refuses here, before it writes.
+        with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch,
+                          ctx.launch_has_no_id):
+            r = StudentRun(checked)
+            try:
+                return _train(r)
+            finally:
+                r.close()
+    except EnvironmentFault as exc:
+        if exc.rerun:  # a rerun without --resume is refused once a checkpoint exists; with it, none is needed
+            exc.rerun = "rerun with the same arguments and --resume (it continues from the last checkpoint)"
+        raise
 
 
 def _train(r: StudentRun) -> dict:
@@ -344,6 +349,10 @@ def _train(r: StudentRun) -> dict:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
     epoch, start_step, total_steps = r.checkpoints.load(r.engine, r.resume, cfg.engine.grad_accum, r.data.steps_in)
+    if start_step == r.data.steps_in(epoch) and r.records.has_epoch(epoch):
+        # The checkpoint ended an epoch whose row is written. Without the row (the run died in its evaluation),
+        # the loop below walks no steps and writes it.
+        epoch, start_step = epoch + 1, 0
     started, images = time.time(), 0
     stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps  # a resume of a run --max-steps already stopped
     while epoch < cfg.epochs and not stop:

@@ -59,7 +59,7 @@ def storage_errors(operation: str, url: str):
         # botocore's connection and streaming errors are not OSErrors.
         if isinstance(exc, OSError) or _is_boto(exc, "BotoCoreError"):
             raise EnvironmentFault(f"{operation} {url} failed ({type(exc).__name__}: {_first_line(exc)}), also on "
-                                   f"retrying: rerun with the same arguments (committed work is kept)") from None
+                                   f"retrying") from None
         raise
 
 
@@ -105,8 +105,8 @@ def put_atomic(url: str, data: bytes) -> None:
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise EnvironmentFault(
-                            f"no space left on the device (or the quota) writing {url} ({len(data)} bytes): free "
-                            f"some and rerun with the same arguments (committed work is kept)") from None
+                            f"no space left on the device (or the quota) writing {url} ({len(data)} bytes), free "
+                            f"some") from None
                     raise
         finally:
             with contextlib.suppress(OSError):

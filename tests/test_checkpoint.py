@@ -69,7 +69,7 @@ def test_resume_finds_the_latest_and_picks_the_universal_form_on_another_world(t
     (8, 1, 24, (1, 2, 13)),  # 1 rank: 16 samples consumed = 2 steps of 8
     (8, 4, 24, (1, 0, 13)),  # ... rounded down to a whole accumulation of 4: 0
     (4, 2, 48, (1, 4, 13)),  # 16 / 4 = 4 micro steps, a whole accumulation of 2
-    (8, 1, 2, (2, 0, 13)),  # step 2 of an epoch of 2 steps: the next epoch's start
+    (8, 1, 2, (1, 2, 13)),  # step 2 of an epoch of 2 steps: its end (whether its row is written is train's)
 ])
 def test_load_continues_where_the_samples_consumed_say(tmp_path, samples_per_step, grad_accum, steps, expected):
     out = stopped_run(tmp_path)

@@ -319,10 +319,21 @@ def test_a_run_stopped_at_an_epochs_end_records_that_epoch_and_resumes_equal(dat
     out = tmp_path / "epoch_end"
     train(data, out, *REFERENCE, "--max-steps", str(metrics(reference)[0]["steps"]))
     assert [row["epoch"] for row in metrics(out)] == [0] and not (out / "results.json").exists()
+    died_in_eval = Path(shutil.copytree(out, tmp_path / "died_in_eval"))
     train(data, out, *REFERENCE, "--resume")
     assert [row["epoch"] for row in metrics(out)] == [0, 1, 2]
     assert rank_states(out) == rank_states(reference)
     assert json.loads((out / "results.json").read_text())["completed"]
+
+    # A run that died in epoch 0's evaluation, after the epoch's checkpoint: no row. The resume walks no step
+    # of epoch 0, evaluates its parameters (the reference's scores) and writes the row without a train loss.
+    (died_in_eval / "metrics.jsonl").write_text("")
+    train(data, died_in_eval, *REFERENCE, "--resume")
+    rows, expected = metrics(died_in_eval), metrics(reference)
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[0]["train_loss"] is None
+    scores = {k for k in expected[0] if k.startswith("top")}
+    assert scores and {k: rows[0][k] for k in scores} == {k: expected[0][k] for k in scores}
+    assert rank_states(died_in_eval) == rank_states(reference)
 
 
 @pytest.mark.slow
@@ -559,6 +570,28 @@ def test_a_train_step_is_deits_loss_on_mixed_smoothed_labels(distillation):
 
 
 # ---------------------------------------------------------------------------------------- --init
+
+
+def test_a_storage_fault_in_train_advises_a_rerun_with_resume(data, tmp_path, capsys, monkeypatch):
+    """A rerun of train without --resume is refused once a checkpoint exists, so the one line advises --resume
+    (with it, a run with no checkpoint starts from scratch)."""
+    import errno
+
+    from deit_pipe.stages import train as train_stage
+    from deit_pipe.storage.location import storage_errors
+
+    def failing_disk(*args):
+        with storage_errors("read", data["shards"]):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(train_stage.ShardManifest, "load", failing_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *REFERENCE])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 3 and len(err) == 1, err
+    assert err[0] == (f"deit-pipe: error: read {data['shards']} failed (OSError: [Errno 5] Input/output error), "
+                      f"also on retrying: rerun with the same arguments and --resume (it continues from the last "
+                      f"checkpoint)")
 
 
 def test_bad_init_weights_are_refused_in_one_line(data, tmp_path, capsys):
