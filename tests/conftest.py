@@ -81,8 +81,8 @@ class S3RequestCounter:
 
     def __init__(self, upstream: str, fault=None):
         """`fault(method, path, n)` -> what becomes of the n-th request: an HTTP status to answer instead of
-        forwarding it, "drop" (the connection closed without an answer), "delay" (forwarded PROXY_DELAY_S
-        later), or None (forwarded)."""
+        forwarding it, "drop" (the connection closed without an answer), "lose" (forwarded, then the connection
+        closed: it took effect, its answer is lost), "delay" (forwarded PROXY_DELAY_S later), or None (forwarded)."""
         import http.client
         import threading
         import time
@@ -107,7 +107,7 @@ class S3RequestCounter:
                     return
                 if status == "delay":
                     time.sleep(PROXY_DELAY_S)
-                elif status is not None:
+                elif isinstance(status, int):
                     self.send_response(status)
                     code = _S3_ERROR_CODES.get(status, "InternalError")
                     message = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
@@ -122,6 +122,10 @@ class S3RequestCounter:
                 data = reply.read()
                 with lock:
                     counts[self.command] += 1
+                if status == "lose":
+                    upstream_conn.close()
+                    self.close_connection = True
+                    return
                 self.send_response(reply.status)
                 for key, value in reply.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):

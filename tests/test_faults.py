@@ -70,9 +70,10 @@ def failing(method: str, path_part: str, status: int = 500):
 
 class FlakyStore:
     """The proxy's faults, by kind of request (GET, HEAD, PUT, POST, DELETE, list): the first of each kind and 30%
-    of the rest answer 500 InternalError or 503 SlowDown (half each), 5% more drop the connection unanswered, drawn
-    from a generator seeded with the kind; one request from each number in DELAYED on is held 2 s. `requests`:
-    kind -> what became of its requests -> count.
+    of the rest answer 500 InternalError or 503 SlowDown (half each), 5% more close the connection unanswered (half
+    of them before forwarding the request, half after: it took effect, its answer is lost), drawn from a generator
+    seeded with the kind; one request from each number in DELAYED on is held 2 s. `requests`: kind -> what became
+    of its requests -> count.
 
     Runs through it take botocore's standard retry mode (RETRY_MODE): the CLI's default, adaptive, also slows its
     own request rate after each SlowDown, which at 15% of requests whatever the rate about doubles the test's time
@@ -98,8 +99,10 @@ class FlakyStore:
             fault = 500
         elif draw < 0.3:
             fault = 503
-        elif draw < 0.35:
+        elif draw < 0.325:
             fault = "drop"
+        elif draw < 0.35:
+            fault = "lose"
         else:
             fault = None
         self.requests[kind][fault or "forwarded"] += 1
@@ -110,7 +113,7 @@ class FlakyStore:
         print(f"\nrequests by kind and fate: {dict(self.requests)}")
         assert set(self.requests) == kinds and all(f[500] + f[503] for f in self.requests.values()), self.requests
         met = sum(self.requests.values(), Counter())
-        assert met[500] and met[503] and met["drop"] and met["delay"] == len(self.DELAYED), met
+        assert met[500] and met[503] and met["drop"] and met["lose"] and met["delay"] == len(self.DELAYED), met
 
 
 @pytest.fixture
