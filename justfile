@@ -7,9 +7,10 @@ fmnist_src := "/usr/share/datasets/fashion-mnist"
 default:
     @just --list
 
-# Run the linter, then the whole test suite (CI runs exactly this).
+# Run the linter, then the whole test suite (CI runs exactly this). Two pytest workers, a test file each at a
+# time (its module fixtures built once): most tests use one core, and the slow ones wait on retries' backoff.
 test *args: fashion-mnist-source lint
-    OMP_NUM_THREADS=1 python -m pytest -q {{args}}
+    OMP_NUM_THREADS=1 python -m pytest -q -n 2 --dist loadfile {{args}}
 
 # ruff (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, import order, modern syntax, bugbear.
 lint:
@@ -17,7 +18,7 @@ lint:
 
 # The suite without the slow multi-process tests.
 test-fast *args: fashion-mnist-source
-    OMP_NUM_THREADS=1 python -m pytest -q -m "not slow" {{args}}
+    OMP_NUM_THREADS=1 python -m pytest -q -n 2 --dist loadfile -m "not slow" {{args}}
 
 # Debian's dataset-fashion-mnist (real images for the tests and the demo), installed when missing.
 fashion-mnist-source:
