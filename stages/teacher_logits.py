@@ -134,6 +134,8 @@ def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: in
     if TeacherStore.exists(store_url, split):
         store = TeacherStore.open(store_url, split, writable=True)
         store.check_binding(binding, recipe_dict)
+        if store.num_views >= views:
+            return store  # nothing to grow: no rank waits for a layout marker of fewer views, none is written
         if ctx.is_main:
             store.append_views(views)
     elif ctx.is_main:
@@ -168,7 +170,7 @@ def run(
         raise InputError(f"--topk {k} must be between 1 and the number of classes ({num_classes})")
     # One launch at a time writes a split: a double-submitted job refuses here, before it lays out or writes.
     with launch_lease(join(store_url, split), f"the teacher store {store_url} (split {split})", ctx.is_main,
-                      ctx.launch, ctx.launch_has_no_id):
+                      ctx.launch):
         return _fill_store(shards, store_url, manifest, teacher, recipe, views, k, batch_size, workers, device, code,
                            ctx)
 

@@ -294,6 +294,25 @@ def test_ranks_writing_at_once_lose_nothing_and_give_the_same_bytes(shards, weig
 
 
 @pytest.mark.slow
+def test_ranks_asking_fewer_views_than_the_store_holds_finish_and_change_nothing(shards, weights, reference,
+                                                                                tmp_path):
+    """--views 1 on a store of 2: rank 0 has nothing to grow, so the other rank must not wait for a layout of 1."""
+    store = tmp_path / "store"
+    shutil.copytree(reference, store)
+    before = chunk_files(store)
+    env = {**os.environ, **ONE_THREAD, "WORLD_SIZE": "2"}
+    ranks = [cli(*cli_args(shards, store, weights, 1), env={**env, "RANK": str(r)}) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in ranks]  # the waiting rank waited 24 hours
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    assert all("wrote 0 views in 0 units" in out for out, _ in outs), outs
+    assert chunk_files(store) == before
+
+
+@pytest.mark.slow
 def test_sigkilled_run_resumes_and_trusts_only_committed_units(shards, weights, reference, tmp_path):
     store = tmp_path / "store"
     markers = store / "train" / "_commits"
