@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from deit_pipe.errors import InputError
+from deit_pipe.storage.lease import Launch
 
 if TYPE_CHECKING:
     import torch
@@ -53,15 +54,12 @@ class RankContext:
         return self.rank == 0
 
     @property
-    def launch(self) -> str:
-        """What the ranks of this launch share (storage.lease: rank 0 takes the output, the others follow it)."""
-        return ";".join(f"{name}={os.environ.get(name, '')}" for name in _LAUNCH_VARIABLES)
-
-    @property
-    def launch_has_no_id(self) -> bool:
-        """No variable names this launch alone (torchrun's rendezvous id, an srun step do): two launches on one host
-        may then share `launch`, and storage.lease tells their ranks apart by their launcher process."""
-        return not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_STEP_ID"))
+    def launch(self) -> Launch:
+        """The launch these ranks share (storage.lease: rank 0 takes the output, the others follow it). Without a
+        variable that names it alone (torchrun's rendezvous id, an srun step), two launches on one host may share
+        the variables."""
+        return Launch(";".join(f"{name}={os.environ.get(name, '')}" for name in _LAUNCH_VARIABLES),
+                      has_no_id=not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_STEP_ID")))
 
     def my_units(self, units: list) -> list:
         """Round-robin split: unit u goes to rank u % world_size (disjoint, covers all)."""

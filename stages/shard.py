@@ -372,7 +372,7 @@ def run(
         sources = find_splits(src)
         check_writable(dest)
         # One launch at a time writes DEST: a double-submitted job refuses here, before it plans or writes.
-        with launch_lease(dest, f"the shards {dest}", ctx.is_main, ctx.launch, ctx.launch_has_no_id):
+        with launch_lease(dest, f"the shards {dest}", ctx.is_main, ctx.launch):
             # Every split's shards first, then the barriers: a rank never idles on one split while another waits.
             written = []
             for source in sources:

@@ -330,8 +330,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         checked = CheckedConfig.of(cfg, ctx.world_size)  # bad input is refused before anything is written
         # One launch at a time trains into --output: a double-submitted job refuses here, before it writes.
-        with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch,
-                          ctx.launch_has_no_id):
+        with launch_lease(cfg.output, f"the run {cfg.output}", ctx.is_main, ctx.launch):
             r = StudentRun(checked)
             try:
                 return _train(r)

@@ -27,16 +27,25 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 
 from deit_pipe.errors import InputError
 from deit_pipe.rng_lock import GLOBAL_RNG_LOCK
-from deit_pipe.storage.location import is_local, join, put_atomic, resolve, storage_errors, wait_until
+from deit_pipe.storage.location import join, put_atomic, resolve, storage_errors, wait_until
 
 LEASE_SECONDS = float(os.environ.get("DEIT_PIPE_LEASE_SECONDS", "120"))
 FOLLOW_TIMEOUT = 600.0  # seconds a rank waits for its rank 0 to hold the lease
 LAUNCH_SKEW = 60.0  # seconds a launcher may start rank 0 before the other ranks
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The launch a rank belongs to: the launcher's variables every rank of it shares (its rank 0's lease records
+    them), and whether none of them names this launch alone (then its ranks tell their rank 0 by their launcher
+    process: the deepspeed launcher on its default port)."""
+
+    variables: str = ""
+    has_no_id: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ class LaunchLease:
                 raise InputError(f"another launch is writing {what} ({current.describe(time.time())}): wait for it "
                                  f"to end; if it was killed on another host, its lease expires "
                                  f"{LEASE_SECONDS:.0f} s after its last renewal")
-            if _create_if_absent(_key(url, generation + 1), _encode(me)):
+            if put_atomic(_key(url, generation + 1), _encode(me), exclusive=True):
                 lease = cls(url, generation + 1, me, held=True)
                 lease._drop_older()
                 return lease
@@ -202,9 +211,11 @@ class LaunchLease:
                 self.release()
 
 
-def launch_lease(output: str, what: str, is_main: bool, launch: str, by_parent: bool) -> LaunchLease:
+def launch_lease(output: str, what: str, is_main: bool, launch: Launch) -> LaunchLease:
     """Rank 0 takes `output`'s lease; the other ranks return once their rank 0 holds it. Use it with `with`."""
-    return LaunchLease.take(output, what, launch) if is_main else LaunchLease.follow(output, what, launch, by_parent)
+    if is_main:
+        return LaunchLease.take(output, what, launch.variables)
+    return LaunchLease.follow(output, what, launch.variables, by_parent=launch.has_no_id)
 
 
 def _launch_began() -> float:
@@ -257,36 +268,3 @@ def _newest(url: str) -> tuple[int, Holder | None]:
         return generations[-1], Holder(**json.loads(record))
     except (ValueError, TypeError):
         raise InputError(f"{key} is not a lease deit-pipe wrote: remove it if no launch is writing there") from None
-
-
-def _create_if_absent(url: str, data: bytes) -> bool:
-    """Write `url` only if no object is there: True if this call created it."""
-    fs, path = resolve(url)
-    if is_local(url):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with storage_errors("create", url):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    os.link(tmp, path)  # atomic, and fails if the name exists
-                except FileExistsError:
-                    # NFS: a retransmitted LINK answers EEXIST for a link the first one made.
-                    return os.stat(tmp).st_nlink == 2
-            return True
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-    with storage_errors("create", url):
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            # A retried PUT whose first try went through also lands here: then the object is ours.
-            try:
-                return fs.cat_file(path) == data
-            except FileNotFoundError:
-                return False
-    return True

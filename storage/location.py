@@ -88,8 +88,9 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
 
 
-def put_atomic(url: str, data: bytes) -> None:
-    """Write `data` so that `url` either does not exist or holds all of it."""
+def put_atomic(url: str, data: bytes, exclusive: bool = False) -> bool:
+    """Write `data` so that `url` either does not exist or holds all of it. `exclusive`: only if nothing is at
+    `url` yet (a lease's create-if-absent); returns whether this call wrote it (always, when not exclusive)."""
     fs, path = resolve(url)
     if _on_local_disk(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -101,7 +102,15 @@ def put_atomic(url: str, data: bytes) -> None:
                         f.write(data)
                         f.flush()
                         os.fsync(f.fileno())
-                    os.replace(tmp, path)
+                    if not exclusive:
+                        os.replace(tmp, path)
+                        return True
+                    try:
+                        os.link(tmp, path)  # atomic, and fails if the name exists
+                    except FileExistsError:
+                        # NFS: a retransmitted LINK answers EEXIST for a link the first one made.
+                        return os.stat(tmp).st_nlink == 2
+                    return True
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise EnvironmentFault(
@@ -111,10 +120,20 @@ def put_atomic(url: str, data: bytes) -> None:
         finally:
             with contextlib.suppress(OSError):
                 os.remove(tmp)  # nothing half-written left behind (gone already when the rename happened)
-    else:
-        # One PUT of the whole body: object stores never expose a partial object.
-        with storage_errors("write", url):
+    # One PUT of the whole body: object stores never expose a partial object.
+    with storage_errors("write", url):
+        if not exclusive:
             fs.pipe_file(path, data)
+            return True
+        try:
+            fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+        except FileExistsError:
+            # A retried PUT whose first try went through also lands here: then the object is ours.
+            try:
+                return fs.cat_file(path) == data
+            except FileNotFoundError:
+                return False
+        return True
 
 
 def discard_partial(url: str) -> None:
