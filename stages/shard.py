@@ -93,7 +93,9 @@ class Verdict:
     inspection: Inspection
 
     def to_json(self) -> dict:
-        return {"path": self.path, **asdict(self.inspection)}
+        # Field by field: dataclasses.asdict copies recursively, a visible part of the scan per file.
+        i = self.inspection
+        return {"path": self.path, "action": i.action, "reason": i.reason, "ext": i.ext}
 
     @classmethod
     def of_json(cls, d: dict) -> Verdict:
