@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except (InputError, EnvironmentFault) as exc:
-        rerun = f": {exc.rerun}" if isinstance(exc, EnvironmentFault) and exc.rerun else ""
+        rerun = f"; {exc.rerun}" if isinstance(exc, EnvironmentFault) and exc.rerun else ""
         typer.echo(f"deit-pipe: error: {rank_prefix()}{one_line(exc)}{rerun}", err=True)
         # A store call that failed part way leaves zarr's other coroutines unawaited: the warnings Python prints
         # about them at exit would follow the one line.

@@ -348,9 +348,9 @@ def _train(r: StudentRun) -> dict:
         print(f"soft targets from {cfg.store}: the rebuilt teacher is within a mean KL of {r.target_kl:.4f} nats "
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
     epoch, start_step, total_steps = r.checkpoints.load(r.engine, r.resume, cfg.engine.grad_accum, r.data.steps_in)
-    if start_step == r.data.steps_in(epoch) and r.records.has_epoch(epoch):
-        # The checkpoint ended an epoch whose row is written. Without the row (the run died in its evaluation),
-        # the loop below walks no steps and writes it.
+    if start_step == r.data.steps_in(epoch):  # the checkpoint ended an epoch
+        if not r.records.has_epoch(epoch):  # the run died in its evaluation: evaluate it now, no step walked
+            r.end_epoch(epoch, total_steps, [], 0.0)
         epoch, start_step = epoch + 1, 0
     started, images = time.time(), 0
     stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps  # a resume of a run --max-steps already stopped

@@ -93,11 +93,11 @@ def put_atomic(url: str, data: bytes, exclusive: bool = False) -> bool:
     `url` yet (a lease's create-if-absent); returns whether this call wrote it (always, when not exclusive)."""
     fs, path = resolve(url)
     if _on_local_disk(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
             with storage_errors("write", url):
                 try:
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                     with open(tmp, "wb") as f:
                         f.write(data)
                         f.flush()
@@ -114,8 +114,8 @@ def put_atomic(url: str, data: bytes, exclusive: bool = False) -> bool:
                 except OSError as exc:
                     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise EnvironmentFault(
-                            f"no space left on the device (or the quota) writing {url} ({len(data)} bytes), free "
-                            f"some") from None
+                            f"no space left on the device (or the quota) writing {url} ({len(data)} bytes): free "
+                            f"some space") from None
                     raise
         finally:
             with contextlib.suppress(OSError):

@@ -153,3 +153,17 @@ def test_loader_workers_share_the_nodes_cores_among_its_ranks(monkeypatch):
     assert loader_workers(RankContext()) == 63
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert loader_workers(RankContext(1, 2, 1, 2)) == 1  # never none: the rank would build views between steps
+
+
+def test_a_launch_is_known_by_its_shared_variables_and_whether_one_names_it_alone(env):
+    """The deepspeed launcher on its default port gives no launch id (its ranks then know their rank 0 by their
+    launcher process); torchrun's rendezvous id and an srun step do."""
+    env.setenv("MASTER_ADDR", "node-1")
+    env.setenv("MASTER_PORT", "29500")
+    plain = RankContext().launch
+    assert "MASTER_ADDR=node-1;MASTER_PORT=29500;" in plain.variables and plain.has_no_id
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID"):
+        env.setenv(name, "7")
+        launch = RankContext().launch
+        assert not launch.has_no_id and f"{name}=7" in launch.variables and launch != plain
+        env.delenv(name)

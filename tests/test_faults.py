@@ -58,7 +58,7 @@ def environment_fault(proc) -> str:
     lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [line for line in lines if line.startswith("deit-pipe")] == lines[-1:], lines
-    assert lines[-1].startswith("deit-pipe: error: ") and "), also on retrying: " in lines[-1], lines
+    assert lines[-1].startswith("deit-pipe: error: ") and "), also on retrying; " in lines[-1], lines
     assert lines[-1].endswith(RERUN), lines
     return lines[-1]
 

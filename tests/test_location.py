@@ -60,3 +60,17 @@ def test_a_store_error_past_the_retries_names_the_operation_and_the_url_and_inpu
     with pytest.raises(FileNotFoundError):  # a missing object is the caller's to judge
         with storage_errors("read", "s3://b/k"):
             raise FileNotFoundError("no such key")
+
+
+def test_an_exclusive_write_creates_once_and_never_replaces(tmp_path):
+    """The lease's create-if-absent: the first writer gets True, a later one False with the object unchanged, even
+    with the same bytes; no temporary file stays either way."""
+    from deit_pipe.storage.location import put_atomic
+
+    url = str(tmp_path / "lease" / "00000001.json")
+    assert put_atomic(url, b"first", exclusive=True) is True
+    assert put_atomic(url, b"second", exclusive=True) is False
+    assert put_atomic(url, b"first", exclusive=True) is False
+    assert (tmp_path / "lease" / "00000001.json").read_bytes() == b"first"
+    assert put_atomic(url, b"third") is True  # not exclusive: replaces
+    assert sorted(p.name for p in (tmp_path / "lease").iterdir()) == ["00000001.json"]

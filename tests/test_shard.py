@@ -497,7 +497,7 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_the_rerun_complete
     assert exit_info.value.code == 3 and len(err) == 1 and "Traceback" not in stderr, stderr
     assert err[0].startswith("deit-pipe: error: no space left on the device (or the quota) writing ")
     assert "train-000002.tar" in err[0]
-    assert err[0].endswith(" bytes), free some: rerun with the same arguments (committed work is kept)"), err[0]
+    assert err[0].endswith(" bytes): free some space; rerun with the same arguments (committed work is kept)"), err[0]
     assert not [p for p in dest.rglob("*") if ".tmp-" in p.name]
     monkeypatch.setattr(location.os, "fsync", fsync)
     shard(odd_image_folder.root, dest)

@@ -325,14 +325,17 @@ def test_a_run_stopped_at_an_epochs_end_records_that_epoch_and_resumes_equal(dat
     assert rank_states(out) == rank_states(reference)
     assert json.loads((out / "results.json").read_text())["completed"]
 
-    # A run that died in epoch 0's evaluation, after the epoch's checkpoint: no row. The resume walks no step
-    # of epoch 0, evaluates its parameters (the reference's scores) and writes the row without a train loss.
+    # A run that died in epoch 0's evaluation, after the epoch's checkpoint: no row. The resume (still under its
+    # --max-steps) walks no step of epoch 0, evaluates its parameters (the reference's scores) and writes the row
+    # without a train loss; the next resume trains the rest.
     (died_in_eval / "metrics.jsonl").write_text("")
-    train(data, died_in_eval, *REFERENCE, "--resume")
+    train(data, died_in_eval, *REFERENCE, "--max-steps", str(metrics(reference)[0]["steps"]), "--resume")
     rows, expected = metrics(died_in_eval), metrics(reference)
-    assert [row["epoch"] for row in rows] == [0, 1, 2] and rows[0]["train_loss"] is None
+    assert [row["epoch"] for row in rows] == [0] and rows[0]["train_loss"] is None
     scores = {k for k in expected[0] if "_top" in k}
     assert scores and {k: rows[0][k] for k in scores} == {k: expected[0][k] for k in scores}
+    train(data, died_in_eval, *REFERENCE, "--resume")
+    assert [row["epoch"] for row in metrics(died_in_eval)] == [0, 1, 2]
     assert rank_states(died_in_eval) == rank_states(reference)
 
 
@@ -590,7 +593,7 @@ def test_a_storage_fault_in_train_advises_a_rerun_with_resume(data, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 3 and len(err) == 1, err
     assert err[0] == (f"deit-pipe: error: read {data['shards']} failed (OSError: [Errno 5] Input/output error), "
-                      f"also on retrying: rerun with the same arguments and --resume (it continues from the last "
+                      f"also on retrying; rerun with the same arguments and --resume (it continues from the last "
                       f"checkpoint)")
 
 
