@@ -14,6 +14,7 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.reporting.plots import plot_training, read_jsonl
@@ -28,10 +29,13 @@ class RunRecords:
         says what it was."""
         self.output, self.ctx, self.config = output, ctx, config
         os.makedirs(output, exist_ok=True)
+        self.metrics_path = os.path.join(output, "metrics.jsonl")
+        steps_path = os.path.join(output, "steps.jsonl")
         if ctx.is_main:
             put_atomic(os.path.join(output, "run.json"), json.dumps(config, indent=1).encode())
-        self.metrics_path = os.path.join(output, "metrics.jsonl")
-        self._steps = open(os.path.join(output, "steps.jsonl"), "a", buffering=1) if ctx.is_main else None
+            for path in (self.metrics_path, steps_path):
+                _cut_torn_line(path)
+        self._steps = open(steps_path, "a", buffering=1) if ctx.is_main else None
         self._pending: list[tuple] = []
 
     def step(self, epoch: int, step: int, total_steps: int, loss: torch.Tensor | float, lr: float) -> float | None:
@@ -59,9 +63,15 @@ class RunRecords:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def has_epoch(self, epoch: int) -> bool:
-        """Whether `epoch`'s row is written (read on every rank: the output is shared)."""
-        return os.path.exists(self.metrics_path) and any(r["epoch"] == epoch for r in read_jsonl(self.metrics_path))
+    def has_epoch(self, epoch: int, device: torch.device) -> bool:
+        """Whether `epoch`'s row is written: rank 0 reads it and every rank takes its answer (ranks deciding apart
+        would walk different collectives)."""
+        written = self.ctx.is_main and os.path.exists(self.metrics_path) and any(
+            r["epoch"] == epoch for r in read_jsonl(self.metrics_path))
+        flag = torch.tensor([int(written)], device=device)
+        if dist.is_initialized():
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def close(self) -> None:
         if self._steps is not None:
@@ -87,3 +97,14 @@ class RunRecords:
             plot_training(self.metrics_path, os.path.join(self.output, "training.png"), title=title)
             put_atomic(os.path.join(self.output, "results.json"), json.dumps(result, indent=1).encode())
         return result
+
+
+def _cut_torn_line(path: str) -> None:
+    """Drop a last line a killed run left half-written: appended to, it would join the next row into one bad line."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass

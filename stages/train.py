@@ -349,7 +349,7 @@ def _train(r: StudentRun) -> dict:
               f"of the teacher at tau={cfg.tau:g} (measured when the store was made)", flush=True)
     epoch, start_step, total_steps = r.checkpoints.load(r.engine, r.resume, cfg.engine.grad_accum, r.data.steps_in)
     if start_step == r.data.steps_in(epoch):  # the checkpoint ended an epoch
-        if not r.records.has_epoch(epoch):  # the run died in its evaluation: evaluate it now, no step walked
+        if not r.records.has_epoch(epoch, r.device):  # it died in its evaluation: evaluate it now, no step walked
             r.end_epoch(epoch, total_steps, [], 0.0)
         epoch, start_step = epoch + 1, 0
     started, images = time.time(), 0

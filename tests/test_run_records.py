@@ -35,3 +35,18 @@ def test_other_ranks_log_no_steps(tmp_path):
     assert records.step(0, 0, 1, torch.tensor(1.0), 0.1) is None and records.flush() is None
     records.close()
     assert not (tmp_path / "steps.jsonl").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_a_line_a_killed_run_left_half_written_is_cut_when_the_records_open(tmp_path):
+    """A kill during an append leaves a last line without its newline: the resumed run's first row must not join
+    it (one unreadable line in the middle of the log), so rank 0 cuts it when it opens the records."""
+    row = json.dumps({"epoch": 0, "train_loss": 1.5})
+    (tmp_path / "metrics.jsonl").write_text(row + "\n" + '{"epoch": 1, "tra')
+    (tmp_path / "steps.jsonl").write_text('{"epoch": 0, "st')
+    records = RunRecords(str(tmp_path), RankContext(0, 1), {})
+    assert records.has_epoch(0, torch.device("cpu")) and not records.has_epoch(1, torch.device("cpu"))
+    records.epoch({"epoch": 1, "train_loss": 1.0})
+    records.step(1, 0, 1, 2.0, 0.1)
+    records.close()
+    assert lines(tmp_path / "metrics.jsonl") == [{"epoch": 0, "train_loss": 1.5}, {"epoch": 1, "train_loss": 1.0}]
+    assert lines(tmp_path / "steps.jsonl") == [{"epoch": 1, "step": 0, "total_steps": 1, "loss": 2.0, "lr": 0.1}]
