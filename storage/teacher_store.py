@@ -36,6 +36,7 @@ from deit_pipe.storage.work_queue import CommitMarkers
 
 STORE_VERSION = 2  # 2: the logit code (1 kept a flat tail)
 LAYOUT_MARKER = "layout"
+LIST_TRIES = 5  # listings of a store other ranks are writing, before a vanished file is an error
 _UNIT_MARKER = re.compile(r"(\d+)-(\d+)")
 # Fields that must match between a store and the run that reads or extends it, in the order checked.
 CODE_ARRAYS = ("code_mean", "code_basis", "code_steps")
@@ -249,11 +250,19 @@ class TeacherStore:
         return ViewRecord(**arrays)
 
     def nbytes_stored(self) -> int:
-        """Bytes of every object of this split's store: chunks, metadata and markers."""
+        """Bytes of every object of this split's store: chunks, metadata and markers, as listed now."""
         url = self._group_url(self.url, self.split)
         fs, path = resolve(url)
-        fs.invalidate_cache()
         with storage_errors("list", url):
+            for _ in range(LIST_TRIES - 1):
+                fs.invalidate_cache()
+                try:
+                    return int(fs.du(path, total=True))
+                except FileNotFoundError:
+                    # Other ranks still write: zarr's temporary file of a chunk was renamed between the listing and
+                    # its size (local stores); list again.
+                    continue
+            fs.invalidate_cache()
             return int(fs.du(path, total=True))
 
 

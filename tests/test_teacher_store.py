@@ -280,3 +280,24 @@ def test_other_ranks_wait_for_the_layout_marker_of_their_view_count(tmp_path, mo
             f"timed out waiting for the teacher store layout (7 views) at {url}: 1 missing, first {missing}")):
         TeacherStore.wait_layout(url, "train", 7)
 
+
+
+def test_the_size_of_a_store_other_ranks_are_writing_is_listed_again_when_a_file_vanishes(tmp_path, monkeypatch):
+    """Another rank's chunk write renames zarr's temporary file between du's listing and its stat of that file:
+    the size is listed again instead of ending the run in a FileNotFoundError traceback."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    url = str(tmp_path / "store")
+    store = create(url, manifest())
+    store.write_unit(0, 1, record(4, seed=5))
+    du, vanished = LocalFileSystem.du, []
+
+    def du_racing_a_rename(self, path, *args, **kwargs):
+        if not vanished:
+            vanished.append(path)
+            raise FileNotFoundError(f"{path}/logits/c/0/1/0.partial")
+        return du(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "du", du_racing_a_rename)
+    files = [p for p in (Path(url) / "train").rglob("*") if p.is_file()]
+    assert store.nbytes_stored() == sum(p.stat().st_size for p in files) and vanished
