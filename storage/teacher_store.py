@@ -254,16 +254,15 @@ class TeacherStore:
         url = self._group_url(self.url, self.split)
         fs, path = resolve(url)
         with storage_errors("list", url):
-            for _ in range(LIST_TRIES - 1):
+            for attempt in range(LIST_TRIES):
                 fs.invalidate_cache()
                 try:
                     return int(fs.du(path, total=True))
                 except FileNotFoundError:
                     # Other ranks still write: zarr's temporary file of a chunk was renamed between the listing and
                     # its size (local stores); list again.
-                    continue
-            fs.invalidate_cache()
-            return int(fs.du(path, total=True))
+                    if attempt == LIST_TRIES - 1:
+                        raise
 
 
 def _unit_name(shard: int, v: int) -> str:
