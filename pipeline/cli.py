@@ -410,7 +410,8 @@ def demo(
     out: Annotated[str, typer.Argument(help="Output folder: data, shards, teacher store, runs, results, plots.")] = (
         "demo-output"
     ),
-    full: Annotated[bool, typer.Option(help="All 70,000 images and more epochs (hours on a CPU).")] = False,
+    full: Annotated[bool, typer.Option(
+        help="All 70,000 images, six students, each 3x the samples (about 80 min on 2 cores).")] = False,
     shards: Annotated[str | None, typer.Option(
         help="Where the shards go (any fsspec URL); default OUT/shards.")] = None,
     store: Annotated[str | None, typer.Option(
