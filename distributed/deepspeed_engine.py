@@ -107,6 +107,13 @@ def init_distributed(device: torch.device) -> None:
         # A plain single process: a world of one on a free local port (DeepSpeed would try MPI otherwise).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend builds a shared-memory all-reduce with g++ at its first init in an environment
+        # (40 s or more, and a compiler on every node) that only its inference all-reduce calls; training's
+        # collectives go to gloo either way.
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     # Rank 0 alone converts a checkpoint to the universal form or writes the final export while the others
     # wait in a collective: torch's 10-minute default would end a large run there.
     with quiet_stdout():
