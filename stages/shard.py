@@ -43,7 +43,7 @@ from deit_pipe.data.rng import permutation
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
 from deit_pipe.storage.lease import launch_lease
-from deit_pipe.storage.location import check_writable, discard_partial, join, resolve, storage_errors
+from deit_pipe.storage.location import check_writable, discard_partial, join, read_files, resolve, storage_errors
 from deit_pipe.storage.manifest import ShardManifest, shard_name, shard_url, split_url
 from deit_pipe.storage.shards import ShardInfo, ShardSample, safe_key, write_shard
 from deit_pipe.storage.work_queue import CommitMarkers, bind_plan, to_json
@@ -128,13 +128,9 @@ _UNREADABLE = {errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ELOOP}
 
 
 def _read_files(split_url_: str, relpaths: list[str], unreadable: bool = False) -> list[bytes | OSError]:
-    """The files' bytes, fetched concurrently on object stores; with `unreadable`, a file that cannot be read
-    gives its error in its place. cat_ranges takes the paths as they are (fsspec's cat would take [, * and ? in
-    a file name for a glob pattern)."""
-    fs, root = resolve(split_url_)
-    n = len(relpaths)
+    """The files' bytes; with `unreadable`, a file that cannot be read gives its error in its place."""
     with storage_errors("read", split_url_):
-        contents = fs.cat_ranges([f"{root}/{rel}" for rel in relpaths], [None] * n, [None] * n, on_error="return")
+        contents = read_files(split_url_, relpaths)
     for rel, data in zip(relpaths, contents, strict=True):
         if isinstance(data, Exception) and not (unreadable and getattr(data, "errno", None) in _UNREADABLE):
             with storage_errors("read", f"{split_url_}/{rel}"):

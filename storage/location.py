@@ -88,6 +88,26 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
 
 
+def read_files(url: str, relpaths: list[str]) -> list[bytes | Exception]:
+    """The bytes of many files under `url`, the error in the place of each one that could not be read: concurrent
+    requests on object stores (fsspec's cat_ranges, which takes the paths as they are where its cat would take
+    [, * and ? for glob patterns); plain reads on a local disk, where fsspec's layers cost more than a small
+    file's read."""
+    fs, root = resolve(url)
+    paths = [f"{root}/{rel}" for rel in relpaths]
+    if _on_local_disk(fs):
+        return [_read_local(path) for path in paths]
+    return fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")
+
+
+def _read_local(path: str) -> bytes | OSError:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc
+
+
 def put_atomic(url: str, data: bytes, exclusive: bool = False) -> bool:
     """Write `data` so that `url` either does not exist or holds all of it. `exclusive`: only if nothing is at
     `url` yet (a lease's create-if-absent); returns whether this call wrote it (always, when not exclusive)."""
