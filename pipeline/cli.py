@@ -411,7 +411,7 @@ def demo(
         "demo-output"
     ),
     full: Annotated[bool, typer.Option(
-        help="All 70,000 images, six students, each 3x the samples (about 80 min on 2 cores).")] = False,
+        help="All 70,000 images, six students, each 3x the samples (about 45 min on 2 cores).")] = False,
     shards: Annotated[str | None, typer.Option(
         help="Where the shards go (any fsspec URL); default OUT/shards.")] = None,
     store: Annotated[str | None, typer.Option(

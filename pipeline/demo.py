@@ -74,7 +74,7 @@ class DemoConfig:
     @classmethod
     def full(cls) -> DemoConfig:
         # All the images and all six students, sized to run in the background of one working session on 2 cores
-        # (about 80 minutes): the teachers and each student walk 3x the demo's samples, the fine-tune 6x.
+        # (45 minutes here): the teachers and each student walk 3x the demo's samples, the fine-tune 6x.
         return cls(train_images=60000, val_images=10000, samples_per_shard=1000, teacher_epochs=6,
                    student_epochs=3, students=tuple(STUDENT_RUNS), teacher_fine_tune_epochs=1)
 
