@@ -86,7 +86,7 @@ def select_accelerator(ctx: RankContext) -> torch.device:
         torch.cuda.set_device(device)
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # DeepSpeed's CPU op build makes torch warn "No CUDA runtime is found" on every start: not news on a CPU.
+        # An op a --ds-config has DeepSpeed build on a CPU (CPU Adam) makes torch warn "No CUDA runtime is found".
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return device
 

@@ -127,7 +127,7 @@ class SplitPlan:
 _UNREADABLE = {errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ELOOP}
 
 
-def _read_files(split_url_: str, relpaths: list[str], unreadable: bool = False) -> list[bytes | OSError]:
+def _read_files(split_url_: str, relpaths: list[str], unreadable: bool = False) -> list[bytes | Exception]:
     """The files' bytes; with `unreadable`, a file that cannot be read gives its error in its place."""
     with storage_errors("read", split_url_):
         contents = read_files(split_url_, relpaths)

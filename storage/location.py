@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from deit_pipe.errors import EnvironmentFault, InputError
 
@@ -36,7 +37,8 @@ def is_local(url: str) -> bool:
 
 
 def _on_local_disk(fs) -> bool:
-    return "file" in fs.protocol or "local" in fs.protocol
+    # Not by protocol name: fsspec's "filecache" wraps a remote filesystem and holds no path of a local disk.
+    return isinstance(fs, LocalFileSystem)
 
 
 # What a failed storage call says about the input: no permission (or expired credentials), a file where a folder

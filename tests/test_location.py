@@ -74,3 +74,20 @@ def test_an_exclusive_write_creates_once_and_never_replaces(tmp_path):
     assert (tmp_path / "lease" / "00000001.json").read_bytes() == b"first"
     assert put_atomic(url, b"third") is True  # not exclusive: replaces
     assert sorted(p.name for p in (tmp_path / "lease").iterdir()) == ["00000001.json"]
+
+
+def test_files_behind_fsspecs_local_cache_of_a_remote_filesystem_are_read_through_it(tmp_path, monkeypatch):
+    """filecache:: has "file" in its protocol's name yet holds no local path: reading its files with plain local
+    reads found none of them (each image of a `filecache::s3://...` SRC rejected as unreadable)."""
+    import fsspec
+
+    from deit_pipe.storage.location import put_atomic, read_files
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/cached-src/shirt/a.png", b"png bytes")
+    monkeypatch.chdir(tmp_path)  # a wrong local read of "cached-src/..." would look here
+    url = "filecache::memory://cached-src"
+    assert read_files(url, ["shirt/a.png", "shirt/missing.png"])[0] == b"png bytes"
+    assert isinstance(read_files(url, ["shirt/missing.png"])[0], FileNotFoundError)
+    put_atomic(f"{url}/shirt/b.png", b"written")
+    assert memory.cat("/cached-src/shirt/b.png") == b"written" and not list(tmp_path.iterdir())

@@ -460,7 +460,8 @@ def test_zero3_eval_with_unequal_val_shards_per_rank_finishes(data, tmp_path):
 def test_a_run_prints_its_progress_and_results_and_nothing_else(data, tmp_path, monkeypatch):
     """No DeepSpeed op-build or checkpoint-conversion lines, no "No CUDA runtime is found" on a CPU: stdout is the
     final row, stderr the progress bars and real warnings (timm's: one epoch leaves its cosine nothing to do).
-    Nor a C++ op built into a fresh extension cache: DeepSpeed's shared-memory all-reduce serves only inference."""
+    And no C++ op built at all into a fresh extension cache (the shared-memory all-reduce DeepSpeed's CPU backend
+    builds at its first start serves only its inference)."""
     extensions = tmp_path / "torch-extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     proc = deit_pipe("train", data["shards"], "-o", str(tmp_path / "run"), "--logits", data["store"], *STUDENT,
