@@ -271,7 +271,8 @@ def write_results(out: str, cfg: DemoConfig, best: str, stores: dict[str, str]) 
 
 def _kl(nats: float) -> str:
     # A mean KL of an exact store lands a rounding error either side of 0: below it, it would print as -0.0000.
-    return f"{max(nats, 0.0):.4f}"
+    # Only that sign goes (-0.0 + 0.0 is 0.0); a KL really below 0, a bug, still shows.
+    return f"{round(nats, 4) + 0.0:.4f}"
 
 
 def results_table(results: dict) -> str:

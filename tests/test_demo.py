@@ -72,11 +72,12 @@ def test_demo_runs_end_to_end_on_s3_and_a_rerun_skips_every_step(tmp_path, s3_bu
 
 def test_a_stores_kl_a_rounding_error_below_zero_prints_as_zero():
     """An exact store's mean KL lands a rounding error either side of 0 (the 40 px store's at tau 3: -2e-9 in
-    one run): the table says 0.0000, never -0.0000."""
+    one run): the table says 0.0000, never -0.0000; a KL really below 0 (a bug) still shows its sign."""
     run = {"avg_top1": 50.0, "avg_top5": 90.0, "wall_s": None, "images_per_s": 100.0}
     store = {"img_size": 40, "k": 10, "code_rank": 10, "bytes_per_view": 38.4, "kl_tau1": 3e-6, "kl_tau3": -2e-10}
     results = {"config": {"fine_tune_size": 40, "teacher": "regnetx_002"}, "teacher": run, "students": {"none": run},
                "best_student": "none", "later": dict.fromkeys(demo.LATER_RUNS, run),
-               "stores": {"store_fine_tune": store}, "steps_wall_s": 60.0}
-    rows = [line for line in demo.results_table(results).splitlines() if line.startswith("| store_fine_tune |")]
-    assert rows == ["| store_fine_tune | 40 | 10 | 10 | 38.4 | 0.0000 | 0.0000 |"]
+               "stores": {"store_fine_tune": store, "store_broken": {**store, "kl_tau1": -0.5}}, "steps_wall_s": 60.0}
+    rows = [line for line in demo.results_table(results).splitlines() if line.startswith("| store_")]
+    assert rows == ["| store_fine_tune | 40 | 10 | 10 | 38.4 | 0.0000 | 0.0000 |",
+                    "| store_broken | 40 | 10 | 10 | 38.4 | -0.5000 | 0.0000 |"]
