@@ -9,13 +9,16 @@ so a shard is read about once per worker.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from deit_pipe.data.schedule import EpochPlan, rank_items
 from deit_pipe.data.view_plan import ViewPiece
@@ -100,15 +103,61 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[list[ViewPiece], ViewBatch, StoreEntry | None]:
         pieces = self.plan[i]
+        decoded = ItemDecodes(self.maker, [(p, self.reader.samples(p.shard)) for p in pieces])
+        size = self.maker.recipe.img_size
+        images = _item_tensor((sum(len(p.positions) for p in pieces), 3, size, size))
+        starts = np.cumsum([0] + [len(p.positions) for p in pieces]).tolist()
         batches = [
-            self.maker.shard_views(self.reader.samples(p.shard), p.shard, p.v, positions=list(p.positions))
-            for p in pieces
+            self.maker.shard_views(self.reader.samples(p.shard), p.shard, p.v, positions=list(p.positions),
+                                   decoded=decoded.of(p.shard), out=images[a:b])
+            for p, (a, b) in zip(pieces, pairwise(starts), strict=True)
         ]
+        views = ViewBatch.cat(batches, images=images)
         if self.store_url is None:
-            return pieces, ViewBatch.cat(batches), None
+            return pieces, views, None
         stored = [self._joined(p, b) for p, b in zip(pieces, batches, strict=True)]
-        targets = StoreEntry.cat(stored)
-        return pieces, ViewBatch.cat(batches), targets
+        return pieces, views, StoreEntry.cat(stored)
+
+
+def _item_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 tensor; inside a loader worker in shared memory (as torch's default_collate makes its
+    batches), so handing it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    return torch.empty(0).set_(torch.UntypedStorage._new_shared(math.prod(shape) * 4), 0, shape)
+
+
+class ItemDecodes:
+    """Each sample of an item decoded once, however many of its pieces use it.
+
+    When the world is smaller than R, an item holds the R copies of its samples in R pieces (one per view of
+    the group, each with the same partners: the views of a group share one pairing), so a sample would be
+    decoded R times. An image that two or more pieces use is kept until the last of them took it; one used
+    once is not kept at all.
+    """
+
+    def __init__(self, maker: ViewMaker, pieces: list[tuple[ViewPiece, list[ShardSample]]]):
+        self._uses: Counter = Counter()
+        for piece, samples in pieces:
+            partner = maker.partner_positions(piece.shard, len(samples), piece.v)
+            self._uses.update((piece.shard, q) for q in {*piece.positions, *(int(partner[p]) for p in piece.positions)})
+        self._samples = {piece.shard: samples for piece, samples in pieces}
+        self._kept: dict[tuple[int, int], Image.Image] = {}
+
+    def of(self, shard: int) -> Callable[[int], Image.Image]:
+        return lambda position: self._take(shard, position)
+
+    def _take(self, shard: int, position: int) -> Image.Image:
+        key = (shard, position)
+        image = self._kept.get(key)
+        if image is None:
+            image = decode_rgb(self._samples[shard][position].image)
+        self._uses[key] -= 1
+        if self._uses[key] > 0:
+            self._kept[key] = image
+        else:
+            self._kept.pop(key, None)
+        return image
 
 
 class EpochSteps(Sampler):

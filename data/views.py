@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -79,9 +79,9 @@ class ViewMaker:
         _check_ascending(idxs)
         return [idxs[p] for p in self.partner_positions(shard_index, len(idxs), v)]
 
-    def unmixed(self, sample: ShardSample, v: int) -> torch.Tensor:
-        """[3, H, W] float32: the view before mixing."""
-        image = decode_rgb(sample.image)
+    def unmixed(self, sample: ShardSample, v: int, image: Image.Image | None = None) -> torch.Tensor:
+        """[3, H, W] float32: the view before mixing; `image` is the sample already decoded (else decoded here)."""
+        image = decode_rgb(sample.image) if image is None else image
         with seeded_global_rngs(self._key("view", sample.idx, v)):
             return self._transform(image)
 
@@ -103,19 +103,22 @@ class ViewMaker:
 
     @global_rngs_restored()  # once for the batch: each view's seeded scopes then only seed
     def shard_views(
-        self, samples: list[ShardSample], shard_index: int, v: int, positions: Sequence[int] | None = None
+        self, samples: list[ShardSample], shard_index: int, v: int, positions: Sequence[int] | None = None,
+        decoded: Callable[[int], Image.Image] | None = None, out: torch.Tensor | None = None,
     ) -> ViewBatch:
         """Mixed views of samples[positions] (default all); `samples` is the whole shard in stored order.
 
         Each unmixed view needed (the requested samples' and their partners') is computed once. Work goes
         along the pairing cycle so that an unmixed view is dropped as soon as both its users are done.
+        `decoded` (position -> RGB image) lets a caller decode a sample once for several views of it; `out`
+        ([len(positions), 3, H, W] float32) is where the images go, else a new tensor.
         """
         idxs = [s.idx for s in samples]
         _check_ascending(idxs)
         positions = list(range(len(samples)) if positions is None else positions)
         partner_pos = self.partner_positions(shard_index, len(samples), v)
         size = self.recipe.img_size
-        images = torch.empty((len(positions), 3, size, size), dtype=torch.float32)
+        images = torch.empty((len(positions), 3, size, size), dtype=torch.float32) if out is None else out
         slot = {p: i for i, p in enumerate(positions)}
         params = {p: self.mix_params(idxs[p], v) for p in positions}
         uses = Counter(positions)
@@ -124,7 +127,7 @@ class ViewMaker:
 
         def take(p: int) -> torch.Tensor:
             if p not in cache:
-                cache[p] = self.unmixed(samples[p], v)
+                cache[p] = self.unmixed(samples[p], v, decoded(p) if decoded else None)
             uses[p] -= 1
             return cache[p] if uses[p] else cache.pop(p)
 

@@ -24,8 +24,10 @@ class TensorFields:
         return self._map(lambda t: t.pin_memory())
 
     @classmethod
-    def cat(cls: type[T], parts: Sequence[T]) -> T:
-        """The rows of `parts` in order (a single part as it is, not copied)."""
+    def cat(cls: type[T], parts: Sequence[T], **joined: torch.Tensor) -> T:
+        """The rows of `parts` in order (a single part as it is, not copied); a field in `joined` is taken as it is
+        (the parts' rows were written into it in place)."""
         if len(parts) == 1:
             return parts[0]
-        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+        return cls(*(joined[f.name] if f.name in joined else torch.cat([getattr(p, f.name) for p in parts])
+                     for f in fields(cls)))

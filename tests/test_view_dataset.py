@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import PILToTensor
 
 from deit_pipe.data import view_dataset
+from deit_pipe.data import views as views_module
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import EvalDataset, RecentlyRead, ShardReader, ViewDataset
 from deit_pipe.data.view_plan import ViewPiece
@@ -136,6 +138,10 @@ def test_joined_batches_hold_every_field_in_order():
     assert torch.equal(joined.label, idx % 10) and torch.equal(joined.partner, idx + 100)
     assert torch.equal(joined.partner_label, idx % 7) and torch.equal(joined.lam, idx / 10)
     assert torch.equal(joined.digest, idx * 1000)
+    # A field the parts were written into in place is taken as it is, the others joined.
+    written = torch.zeros(3, 3, 2, 2)
+    in_place = ViewBatch.cat([batch([3], 0), batch([5, 4], 2)], images=written)
+    assert in_place.images is written and torch.equal(in_place.idx, idx)
 
 
 # Two pieces in two shards and views, positions out of storage order: rows must follow the pieces.
@@ -152,6 +158,48 @@ def test_an_item_is_its_pieces_views_without_a_store(shards):
     # The pixels are the maker's views of exactly these samples in these views.
     want = torch.cat([MAKER.shard_views(samples[p.shard], p.shard, p.v, list(p.positions)).images for p in PIECES])
     assert torch.equal(batch.images, want)
+
+
+def test_an_item_decodes_each_sample_once_for_all_its_pieces(shards, monkeypatch):
+    """When the world is smaller than R, an item holds the R copies of its samples as R pieces, in views of one
+    pairing group (the same partners). Each sample is decoded once, not R times, and the views are still the
+    maker's, piece by piece, in the pieces' order."""
+    copies = [ViewPiece(2, v, (1, 6, 4)) for v in (3, 4, 5)]  # pairing_views 3: views 3, 4, 5 share one pairing
+    item = [*copies, ViewPiece(0, 3, (2,))]
+    decoded = []
+    for module in (view_dataset, views_module):
+        real = module.decode_rgb
+        monkeypatch.setattr(module, "decode_rgb", lambda image, real=real: decoded.append(image) or real(image))
+    _, batch, _ = ViewDataset(shards, MAKER, [item])[0]
+    samples = {s: samples_of(shards, s) for s in (0, 2)}
+    # Every view is mixed (mix_prob 1): each piece needs its positions and their partners.
+    needed = {(p.shard, q) for p in item for q in p.positions}
+    needed |= {(p.shard, int(MAKER.partner_positions(p.shard, len(samples[p.shard]), p.v)[q]))
+               for p in item for q in p.positions}
+    assert sorted(decoded) == sorted(samples[s][q].image for s, q in needed)
+    want = [MAKER.shard_views(samples[p.shard], p.shard, p.v, list(p.positions)).images for p in item]
+    assert torch.equal(batch.images, torch.cat(want))
+
+
+class SharedImages(Dataset):
+    """Whether an item's images are in shared memory where the item is made."""
+
+    def __init__(self, views: ViewDataset):
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int) -> bool:
+        return self.views[i][1].images.is_shared()
+
+
+def test_a_worker_makes_an_items_images_in_shared_memory(shards):
+    """As torch's default_collate does with its batches: handing the item to the main process then copies no
+    pixels (a tensor outside shared memory is copied into it on the way)."""
+    views = ViewDataset(shards, MAKER, [PIECES, PIECES[:1]])
+    assert list(DataLoader(SharedImages(views), batch_size=None, num_workers=1)) == [True, True]
+    assert not SharedImages(views)[0]  # in the main process, plain memory
 
 
 def test_an_item_joins_each_view_with_its_own_store_row(shards, store):

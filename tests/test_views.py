@@ -119,9 +119,9 @@ def _track_unmixed(maker):
     computed, held, refs = [], [], []
     unmixed = maker.unmixed
 
-    def tracking(sample, v):
+    def tracking(sample, v, image=None):
         held.append(sum(ref() is not None for ref in refs))
-        view = unmixed(sample, v)
+        view = unmixed(sample, v, image)
         refs.append(weakref.ref(view))
         computed.append(sample.idx)
         return view
