@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from deit_pipe.data.images import is_image_name
 from deit_pipe.errors import InputError
-from deit_pipe.storage.location import join, resolve
+from deit_pipe.storage.location import join, list_files, resolve
 
 SPLITS = ("train", "val")
 
@@ -65,11 +65,9 @@ def _subfolders(fs, path: str) -> list[str]:
 
 
 def _list_split(split: str, url: str, classes: list[str]) -> SplitSource:
-    fs, root = resolve(url)
     ignored = Counter({"hidden": 0, "non_image": 0, "outside_class": 0})
     files = []
-    for path, info in fs.find(root, withdirs=False, detail=True).items():
-        rel = path[len(root) :].lstrip("/")
+    for rel, size in list_files(url).items():
         parts = rel.split("/")
         if any(p.startswith(".") for p in parts):
             ignored["hidden"] += 1
@@ -78,7 +76,7 @@ def _list_split(split: str, url: str, classes: list[str]) -> SplitSource:
         elif not is_image_name(parts[-1]):
             ignored["non_image"] += 1
         else:
-            files.append((parts[0], rel, int(info["size"])))
+            files.append((parts[0], rel, size))
     files.sort()
     if not files:
         raise InputError(f"no image files in the class folders of {url}")

@@ -91,3 +91,39 @@ def test_files_behind_fsspecs_local_cache_of_a_remote_filesystem_are_read_throug
     assert found == b"png bytes" and isinstance(missing, FileNotFoundError)
     put_atomic(f"{url}/shirt/b.png", b"written")
     assert memory.cat("/cached-src/shirt/b.png") == b"written" and not list(tmp_path.iterdir())
+
+
+def test_a_local_listing_is_fsspecs_find(tmp_path):
+    """list_files on a local disk (its own scandir walk) lists what fsspec's find lists, with the same sizes:
+    nested and hidden folders walked, a symlink (to a file, to a folder, broken, in a loop) a file of its
+    target's size (0 when there is none) and never followed; and the same through a memory:// filesystem."""
+    import os
+
+    import fsspec
+
+    from deit_pipe.storage.location import list_files
+
+    root = tmp_path / "src"
+    for rel, size in {"a/1.png": 3, "a/deep/er/2.jpg": 5, ".hidden/3.png": 7, "b/.4.png": 1, "top.txt": 0}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" * size)
+    (root / "c").mkdir()
+    os.symlink(root / "a" / "deep" / "er" / "2.jpg", root / "c" / "to_file.jpg")
+    os.symlink(root / "a", root / "c" / "to_folder")
+    os.symlink(root / "gone.png", root / "c" / "broken.png")
+    os.symlink(root / "c" / "loop.png", root / "c" / "loop.png")
+    (root / "empty").mkdir()
+
+    fs = fsspec.filesystem("file")
+    found = fs.find(str(root), withdirs=False, detail=True)
+    want = {path[len(str(root)) + 1 :]: info["size"] for path, info in found.items()}
+    assert list_files(str(root)) == want == {
+        "a/1.png": 3, "a/deep/er/2.jpg": 5, ".hidden/3.png": 7, "b/.4.png": 1, "top.txt": 0,
+        "c/to_file.jpg": 5, "c/to_folder": want["c/to_folder"], "c/broken.png": 0, "c/loop.png": 0,
+    }
+    assert list_files(str(root) + "/") == want and list_files(f"file://{root}") == want
+
+    memory = fsspec.filesystem("memory")
+    for rel, size in {"a/1.png": 3, "a/deep/2.jpg": 5}.items():
+        memory.pipe(f"/listing/{rel}", b"x" * size)
+    assert list_files("memory://listing") == {"a/1.png": 3, "a/deep/2.jpg": 5}
