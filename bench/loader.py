@@ -55,8 +55,8 @@ def ours(shards: str, store: str, args, world: int):
     from deit_pipe.storage.teacher_store import TeacherStore
 
     manifest = ShardManifest.load(shards, "train")
-    recipe = ViewRecipe.from_dict(TeacherStore.open(store, "train").attrs["provenance"]["recipe"])
-    maker = ViewMaker(recipe, "train")
+    attrs = TeacherStore.open(store, "train").attrs
+    maker = ViewMaker.for_store(ViewRecipe.from_dict(attrs["provenance"]["recipe"]), "train", attrs)
     views = TrainViews(shards, manifest, maker,
                        lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, world, args.batch), rank=0, seed=0,
                        store_url=store, store_views=3, allow_view_reuse=False, workers=args.workers)

@@ -30,7 +30,7 @@ from deit_pipe.choices import Precision, check
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.view_dataset import ViewDataset
 from deit_pipe.data.view_plan import unit_items
-from deit_pipe.data.views import ViewMaker
+from deit_pipe.data.views import VIEW_DIGEST, ViewMaker
 from deit_pipe.distributed.context import RankContext, rank_device
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import LogitCode, StoreEntry, rebuild_kl
@@ -117,6 +117,7 @@ def provenance(recipe: ViewRecipe, device: torch.device) -> dict:
 
     return {
         "recipe": recipe.to_dict(),
+        "view_digest": VIEW_DIGEST,
         "device": device_kind(device),
         "versions": {"deit_pipe": deit_pipe.__version__, "torch": torch.__version__,
                      "timm": timm.__version__, "zarr": zarr.__version__},
@@ -189,6 +190,7 @@ def _fill_store(shards: str, store_url: str, manifest: ShardManifest, teacher: T
     store = open_store(store_url, manifest, binding, views, recipe, dev, ctx, lambda: fit_code(
         model, dev, teacher, code, k, maker, manifest, shards, batch_size, workers))
     logit_code = LogitCode.of_store(store)
+    maker = ViewMaker.for_store(recipe, split, store.attrs)  # views appended keep the store's digest
 
     done = store.committed_units()
     units = [(s, v) for s in ctx.my_units(list(range(manifest.num_shards))) for v in range(views) if (s, v) not in done]

@@ -216,7 +216,8 @@ class StudentRun:
         self.init_sha256 = self.init[2] if self.init else None
         self.student = cfg.student.with_architecture_of(self.init[1] if self.init else {})
         self.workers = cfg.workers if cfg.workers is not None else loader_workers(self.ctx)
-        self.data = TrainViews(cfg.shards, manifest, ViewMaker(self.recipe, "train"),
+        self.data = TrainViews(cfg.shards, manifest,
+                               ViewMaker.for_store(self.recipe, "train", store.attrs if store else None),
                                partial(epoch_plan, cfg, manifest, self.ctx.world_size), self.ctx.rank, cfg.seed,
                                cfg.store if store else None, store.num_views if store else None,
                                cfg.allow_view_reuse, self.workers, pin_memory=self.device.type == "cuda")

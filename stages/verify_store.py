@@ -65,7 +65,7 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
         model = teacher_on(model, dev)
 
     chosen = [committed[i] for i in sorted(permutation(len(committed), "verify-store")[:units])]
-    maker = ViewMaker(recipe, split)
+    maker = ViewMaker.for_store(recipe, split, store.attrs)
     # The first batch of each chosen unit is enough to see drift.
     dataset = ViewDataset(shards, maker, [unit_items(maker, manifest, [u], max_views_per_unit, max_items=1)[0]
                                           for u in chosen])

@@ -7,6 +7,7 @@ Tiny settings throughout: 200 Fashion-MNIST images in 25-sample shards, 32 px vi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -256,6 +257,35 @@ def test_appending_views_leaves_old_chunks_alone(shards, weights, reference, tmp
     for name in ARRAYS:
         assert got[name][:, :VIEWS].tobytes() == want[name].tobytes()
     report = verify_store.run(shards, str(store), weights, units=32, max_views_per_unit=8)
+    assert report["digest_match_rate"] == report["top1_match_rate"] == 1.0
+
+
+def test_views_appended_to_a_store_of_blake2b_digests_keep_blake2b(shards, weights, reference, tmp_path,
+                                                                   monkeypatch):
+    """A store whose provenance names no view digest was made with blake2b (before crc32 became the default):
+    views appended to it carry blake2b digests too, and verify-store checks every unit with them. Its other
+    arrays are the reference's."""
+    store = str(tmp_path / "store")
+    monkeypatch.setattr(stage, "VIEW_DIGEST", "blake2b")
+    teacher_logits(shards, store, weights)
+    monkeypatch.undo()
+    group = TeacherStore.open(store, "train", writable=True).group
+    provenance = dict(group.attrs["provenance"])
+    assert provenance.pop("view_digest") == "blake2b"
+    group.attrs["provenance"] = provenance  # as the stores made before digests were named
+    teacher_logits(shards, store, weights, views=VIEWS + 2)
+
+    got, want = arrays(store), arrays(reference)
+    for name in ARRAYS[:-1]:
+        assert got[name][:, :VIEWS].tobytes() == want[name].tobytes(), name
+    maker = ViewMaker(ViewRecipe(img_size=IMG), "train")
+    for s in range(ShardManifest.load(shards, "train").num_shards):
+        samples = list(read_shard(shard_url(shards, "train", s)))
+        for v in range(VIEWS + 2):
+            halves = maker.shard_views(samples, s, v).images.to(torch.float16).numpy().astype("<f2")
+            blake2b = [int.from_bytes(hashlib.blake2b(h.tobytes(), digest_size=4).digest(), "little") for h in halves]
+            assert got["digest"][25 * s : 25 * s + 25, v].tolist() == blake2b, (s, v)
+    report = verify_store.run(shards, store, weights, units=32, max_views_per_unit=8)
     assert report["digest_match_rate"] == report["top1_match_rate"] == 1.0
 
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import weakref
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from deit_pipe.data.mixing import MixParams, mixed_targets
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.rng import seed_sequence
-from deit_pipe.data.views import ViewMaker, cycle_walk, decode_rgb, view_digest
+from deit_pipe.data.views import VIEW_DIGESTS, ViewMaker, cycle_walk, decode_rgb, view_digest
 from deit_pipe.errors import InputError
 from deit_pipe.pipeline.fashion_mnist import write_image_folder
 from deit_pipe.storage.shards import ShardSample, read_shard, write_shard
@@ -511,18 +512,31 @@ def test_mixed_targets_are_float32_on_the_labels_device():
 
 
 def test_view_digest_is_pinned():
-    """The digest binds existing stores: blake2b-32 of float16 pixels (little endian), float32 -0.0 as +0.0.
+    """The digests bind existing stores: blake2b-32 (stores that name no digest) or crc32 (the default) of the
+    float16 pixels (little endian), float32 -0.0 as +0.0.
 
-    The constants were computed with the first definition, (x + 0.0).to(float16); a float32 -1e-9 rounds
-    to a float16 -0.0 and keeps its sign, so it differs from +0.0.
+    The blake2b constants were computed with the first definition, (x + 0.0).to(float16); a float32 -1e-9
+    rounds to a float16 -0.0 and keeps its sign, so it differs from +0.0. crc32's are zlib's own of those bytes.
     """
     x = torch.linspace(-3, 3, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
     x[0, 0, 0, :3] = torch.tensor([-0.0, -1e-9, 1e-9])
     x[1, 2, 3, 3] = -0.0
-    assert view_digest(x).tolist() == [3671270465, 2333853036]
+    assert view_digest(x, "blake2b").tolist() == [3671270465, 2333853036]
     signless = x.clone()
     signless[0, 0, 0, 0] = signless[1, 2, 3, 3] = 0.0
-    assert torch.equal(view_digest(signless), view_digest(x))
     underflow_sign = x.clone()
     underflow_sign[0, 0, 0, 1] = 0.0
-    assert view_digest(underflow_sign).tolist() == [2393573723, 2333853036]
+    for kind in VIEW_DIGESTS:
+        assert torch.equal(view_digest(signless, kind), view_digest(x, kind))
+    assert view_digest(underflow_sign, "blake2b").tolist() == [2393573723, 2333853036]
+    halves = signless.to(torch.float16)  # -1e-9 keeps its sign: float16 -0.0
+    assert view_digest(x, "crc32").tolist() == [zlib.crc32(h.numpy().astype("<f2").tobytes()) for h in halves]
+    assert view_digest(x).tolist() == view_digest(x, "crc32").tolist()  # the default
+
+
+def test_a_store_names_its_view_digest_and_one_that_names_none_is_blake2b():
+    assert ViewMaker.for_store(RECIPE, SPLIT, {"provenance": {"recipe": {}, "view_digest": "crc32"}}).digest == "crc32"
+    assert ViewMaker.for_store(RECIPE, SPLIT, {"provenance": {"recipe": {}}}).digest == "blake2b"
+    assert ViewMaker.for_store(RECIPE, SPLIT, None).digest == ViewMaker(RECIPE, SPLIT).digest == "crc32"
+    with pytest.raises(InputError, match=r"view digest 'xxh3' is not one this deit-pipe knows \(blake2b, crc32\)"):
+        ViewMaker(RECIPE, SPLIT, "xxh3")
