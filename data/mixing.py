@@ -20,16 +20,18 @@ class MixParams:
 NO_MIX = MixParams("none", 1.0)
 
 
-def mix_views(own: torch.Tensor, partner: torch.Tensor, params: MixParams) -> torch.Tensor:
+def mix_views(own: torch.Tensor, partner: torch.Tensor, params: MixParams, out: torch.Tensor) -> None:
+    """Write the mix of two views into `out` (a batch's slot: no view-sized temporary is copied there): Mixup's
+    own * lam + partner * (1 - lam), CutMix's own view with the partner's box pasted in, or the own view."""
     if params.mode == "mixup":
         lam = torch.tensor(params.lam, dtype=torch.float32)
-        return own * lam + partner * (1 - lam)
+        torch.mul(own, lam, out=out)
+        out.add_(partner * (1 - lam))  # the same roundings as own * lam + partner * (1 - lam)
+        return
+    out.copy_(own)
     if params.mode == "cutmix":
         yl, yh, xl, xh = params.box
-        mixed = own.clone()
-        mixed[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
-        return mixed
-    return own
+        out[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
 
 
 def mixed_targets(label, partner_label, lam, num_classes: int, smoothing: float) -> torch.Tensor:

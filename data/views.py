@@ -157,7 +157,7 @@ class ViewMaker:
         for p in _cycle_order(positions, partner_pos):
             own = take(p)
             partner = take(int(partner_pos[p])) if params[p].mode != "none" else own
-            images[slot[p]] = mix_views(own, partner, params[p])
+            mix_views(own, partner, params[p], out=images[slot[p]])
 
         partner_idx = [idxs[partner_pos[p]] for p in positions]
         return ViewBatch(
