@@ -30,17 +30,22 @@ def cycle_order(maker: ViewMaker, manifest: ShardManifest, shard: int, v: int) -
 def unit_items(
     maker: ViewMaker, manifest: ShardManifest, units: list[tuple[int, int]], batch: int, max_items: int | None = None
 ) -> list[list[ViewPiece]]:
-    """Each unit (shard, view) cut along its cycle into batches of `batch` (its last one shorter).
+    """Each unit (shard, view) cut along its cycle into pieces of `batch` (its last one shorter). The units of one
+    shard whose views share a pairing (a block of the recipe's pairing_views) walk one cycle, so their cuts are
+    the same: item j holds each of their j-th pieces, and a loader decodes a sample once for all of them.
 
-    A batch never spans two units, so what a unit's views go through (the teacher's batches, and with them
-    the rounding of its kernels) depends on the unit alone: not on which rank runs it, which units were
-    already done, or a resume point.
+    A piece never spans two units and the teacher scores each piece alone, so what a unit's views go through
+    (the teacher's batches, and with them the rounding of its kernels) depends on the unit alone: not on which
+    rank runs it, which units were already done, or a resume point.
     """
-    items: list[list[ViewPiece]] = []
+    groups: dict[tuple[int, int], list[int]] = {}
     for shard, v in units:
-        order = cycle_order(maker, manifest, shard, v)
+        groups.setdefault((shard, v // maker.recipe.pairing_views), []).append(v)
+    items: list[list[ViewPiece]] = []
+    for (shard, _), views in groups.items():
+        order = cycle_order(maker, manifest, shard, views[0])
         for start in range(0, len(order), batch):
-            items.append([ViewPiece(shard, v, tuple(order[start : start + batch]))])
+            items.append([ViewPiece(shard, v, tuple(order[start : start + batch])) for v in views])
             if max_items is not None and len(items) == max_items:
                 return items
     return items

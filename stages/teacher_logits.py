@@ -204,15 +204,16 @@ def _fill_store(shards: str, store_url: str, manifest: ShardManifest, teacher: T
                desc=f"teacher-logits rank {ctx.rank}", disable=None)
     with torch.inference_mode():
         for pieces, batch, _ in loader:
-            logits = teacher_logits(model, batch.images, dev, teacher.precision)
-            entry = StoreEntry.from_logits(logits, k, logit_code)
             start = 0
             for piece in pieces:
                 rows = slice(start, start + len(piece.positions))
                 start = rows.stop
+                # Piece by piece: a unit's batches (and so its bytes) do not depend on the units in its items.
+                entry = StoreEntry.from_logits(teacher_logits(model, batch.images[rows], dev, teacher.precision), k,
+                                               logit_code)
                 key = (piece.shard, piece.v)
                 unit = pending.setdefault(key, UnitBuffer(len(manifest.shard_range(piece.shard)), k, logit_code.rank))
-                if unit.put(piece.positions, rows, entry, batch):
+                if unit.put(piece.positions, entry, batch, rows):
                     store.write_unit(piece.shard, piece.v, unit.record())
                     del pending[key]
             bar.update(len(batch.idx))
@@ -237,13 +238,13 @@ class UnitBuffer:
         }
         self.missing = n
 
-    def put(self, positions, rows: slice, entry: StoreEntry, batch) -> bool:
-        """Rows `rows` of the batch and of its store entries are this unit's `positions`."""
+    def put(self, positions, entry: StoreEntry, batch, rows: slice) -> bool:
+        """The store entries `entry` and rows `rows` of the batch are this unit's `positions`."""
         at = np.asarray(positions)
         a = self.arrays
         for name, values in (("logits", entry.topk_logits), ("classes", entry.topk_classes),
                              ("tail_lse", entry.tail_lse), ("code", entry.codes)):
-            a[name][at] = values[rows].numpy()
+            a[name][at] = values.numpy()
         for name in ("partner", "lam", "digest"):
             a[name][at] = getattr(batch, name)[rows].numpy()
         self.missing -= len(at)

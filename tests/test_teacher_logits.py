@@ -289,18 +289,32 @@ def test_views_appended_to_a_store_of_blake2b_digests_keep_blake2b(shards, weigh
     assert report["digest_match_rate"] == report["top1_match_rate"] == 1.0
 
 
-def test_a_units_teacher_batches_depend_on_the_unit_alone(shards):
+def test_a_units_teacher_batches_depend_on_the_unit_alone(shards, weights, tmp_path, monkeypatch):
     """What a unit's views go through (and so the rounding of the teacher's kernels) must not depend on the
-    other units a rank runs: its batches are its cycle cut in BATCH-sized pieces, whatever comes before."""
+    other units a rank runs: its pieces are its cycle cut in BATCH-sized runs, whatever comes before, and the
+    teacher scores each piece alone. The units of one shard whose views share a pairing go together: item j
+    holds piece j of each, the same positions (a loader decodes each sample once for all of them)."""
     manifest = ShardManifest.load(shards, "train")
     maker = ViewMaker(ViewRecipe(img_size=IMG), "train")
     units = sorted(all_units(shards, VIEWS))
     alone = {u: unit_items(maker, manifest, [u], BATCH) for u in units}
-    assert unit_items(maker, manifest, units, BATCH) == [item for u in units for item in alone[u]]
-    assert unit_items(maker, manifest, units[3::2], BATCH) == [item for u in units[3::2] for item in alone[u]]
     for (s, v), items in alone.items():
         assert [len(p.positions) for (p,) in items] == [16, 9]  # 25 samples a shard
         assert [pos for (p,) in items for pos in p.positions] == cycle_order(maker, manifest, s, v)
+    for some in (units, units[3::2], units[::-1]):
+        items = unit_items(maker, manifest, some, BATCH)
+        for u in some:
+            assert [p for item in items for p in item if (p.shard, p.v) == u] == [p for (p,) in alone[u]]
+        for item in items:  # views 0 and 1 share a pairing (pairing_views 3): a shard's units go together
+            assert len({(p.shard, p.positions) for p in item}) == 1 and len({p.v for p in item}) == len(item)
+        assert len(items) == 2 * len({s for s, _ in some})
+
+    scored = []
+    score = stage.teacher_logits
+    monkeypatch.setattr(stage, "teacher_logits", lambda model, images, *a: scored.append(len(images)) or score(
+        model, images, *a))
+    teacher_logits(shards, str(tmp_path / "store"), weights)
+    assert sorted(set(scored)) == [9, 16] and scored.count(16) == scored.count(9)  # never two pieces at once
 
 
 @pytest.mark.slow
