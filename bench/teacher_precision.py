@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = create_teacher("regnetx_002", len(manifest.classes), f"{args.demo}/runs/teacher/student.safetensors")
     maker = ViewMaker(ViewRecipe(img_size=32), "train")
     units = [(s, v) for v in range(3) for s in range(manifest.num_shards)]
-    dataset = ViewDataset(shards, maker, unit_items(maker, manifest, units, 250))
+    # Unit by unit: view 0 of every shard first (unit_items would put a shard's views 0-2 side by side).
+    dataset = ViewDataset(shards, maker, [item for u in units for item in unit_items(maker, manifest, [u], 250)])
     batches, count = [], 0
     for i in range(len(dataset)):
         batches.append(dataset[i][1].images)

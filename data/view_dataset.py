@@ -103,12 +103,13 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[list[ViewPiece], ViewBatch, StoreEntry | None]:
         pieces = self.plan[i]
-        decoded = ItemDecodes(self.maker, [(p, self.reader.samples(p.shard)) for p in pieces])
+        samples = {p.shard: self.reader.samples(p.shard) for p in pieces}
+        decoded = ItemDecodes(self.maker, pieces, samples)
         size = self.maker.recipe.img_size
         images = _item_tensor((sum(len(p.positions) for p in pieces), 3, size, size))
         starts = np.cumsum([0] + [len(p.positions) for p in pieces]).tolist()
         batches = [
-            self.maker.shard_views(self.reader.samples(p.shard), p.shard, p.v, positions=list(p.positions),
+            self.maker.shard_views(samples[p.shard], p.shard, p.v, positions=list(p.positions),
                                    decoded=decoded.of(p.shard), out=images[a:b])
             for p, (a, b) in zip(pieces, pairwise(starts), strict=True)
         ]
@@ -123,26 +124,34 @@ def _item_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     """An empty float32 tensor; inside a loader worker in shared memory (as torch's default_collate makes its
     batches), so handing it to the main process copies nothing."""
     if get_worker_info() is None:
-        return torch.empty(shape)
-    return torch.empty(0).set_(torch.UntypedStorage._new_shared(math.prod(shape) * 4), 0, shape)
+        return torch.empty(shape, dtype=torch.float32)
+    nbytes = math.prod(shape) * torch.float32.itemsize
+    return torch.empty(0, dtype=torch.float32).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
 class ItemDecodes:
     """Each sample of an item decoded once, however many of its pieces use it.
 
-    When the world is smaller than R, an item holds the R copies of its samples in R pieces (one per view of
-    the group, each with the same partners: the views of a group share one pairing), so a sample would be
-    decoded R times. An image that two or more pieces use is kept until the last of them took it; one used
-    once is not kept at all.
+    An item's pieces share samples in two cases: a training item when the world is smaller than R (the R copies
+    of its samples, one piece per view of the group), and a teacher-logits item (one piece per view of a
+    pairing block); either way views of one pairing, so the pieces share partners too. An image that two or
+    more pieces use is kept until the last of them took it (at most an item's samples: about B/R full-size
+    images per worker at world 1), one used once is not kept at all. A partner counts as used by every piece
+    that holds its sample, mixed or not: one a piece leaves unmixed (mix_prob < 1) stays until the item ends.
     """
 
-    def __init__(self, maker: ViewMaker, pieces: list[tuple[ViewPiece, list[ShardSample]]]):
+    def __init__(self, maker: ViewMaker, pieces: list[ViewPiece], samples: dict[int, list[ShardSample]]):
         self._uses: Counter = Counter()
-        for piece, samples in pieces:
-            partner = maker.partner_positions(piece.shard, len(samples), piece.v)
+        for piece in pieces:
+            partner = maker.partner_positions(piece.shard, len(samples[piece.shard]), piece.v)
             self._uses.update((piece.shard, q) for q in {*piece.positions, *(int(partner[p]) for p in piece.positions)})
-        self._samples = {piece.shard: samples for piece, samples in pieces}
+        self._samples = samples
         self._kept: dict[tuple[int, int], Image.Image] = {}
+
+    @property
+    def held(self) -> int:
+        """How many decoded images are kept for pieces still to come."""
+        return len(self._kept)
 
     def of(self, shard: int) -> Callable[[int], Image.Image]:
         return lambda position: self._take(shard, position)

@@ -86,7 +86,7 @@ class ViewMaker:
         them; one that names none is blake2b); without a store, the default's."""
         if attrs is None:
             return cls(recipe, split)
-        return cls(recipe, split, attrs["provenance"].get("view_digest", "blake2b"))
+        return cls(recipe, split, attrs.get("provenance", {}).get("view_digest", "blake2b"))
 
     def _key(self, purpose: str, unit: int, v: int) -> np.random.SeedSequence:
         return seed_sequence(purpose, self.recipe.seed, self.split, unit, v)

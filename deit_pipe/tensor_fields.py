@@ -27,7 +27,9 @@ class TensorFields:
     def cat(cls: type[T], parts: Sequence[T], **joined: torch.Tensor) -> T:
         """The rows of `parts` in order (a single part as it is, not copied); a field in `joined` is taken as it is
         (the parts' rows were written into it in place)."""
+        names = [f.name for f in fields(cls)]
+        if set(joined) - set(names):
+            raise TypeError(f"{cls.__name__} has no field {sorted(set(joined) - set(names))[0]!r}")
         if len(parts) == 1:
             return parts[0]
-        return cls(*(joined[f.name] if f.name in joined else torch.cat([getattr(p, f.name) for p in parts])
-                     for f in fields(cls)))
+        return cls(*(joined[n] if n in joined else torch.cat([getattr(p, n) for p in parts]) for n in names))

@@ -39,7 +39,7 @@ from deit_pipe.models.registry import create_teacher
 from deit_pipe.storage.lease import launch_lease
 from deit_pipe.storage.location import check_writable, join
 from deit_pipe.storage.manifest import ShardManifest
-from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
+from deit_pipe.storage.teacher_store import GROWABLE_VERSIONS, TeacherStore, ViewRecord, store_binding
 
 # Temperatures at which a store measures the KL its code costs (a reader's tau must lie within them).
 ERROR_TAUS = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
@@ -134,7 +134,7 @@ def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: in
     split, recipe_dict = manifest.split, recipe.to_dict()
     if TeacherStore.exists(store_url, split):
         store = TeacherStore.open(store_url, split, writable=True)
-        store.check_binding(binding, recipe_dict)
+        store.check_binding(_grown_as_it_is(binding, store), recipe_dict)
         if store.num_views >= views:
             return store  # nothing to grow: no rank waits for a layout marker of fewer views, none is written
         if ctx.is_main:
@@ -144,8 +144,14 @@ def open_store(store_url: str, manifest: ShardManifest, binding: dict, views: in
         store = TeacherStore.create(store_url, split, binding, views, provenance(recipe, device), code.arrays(), error)
     if not ctx.is_main:
         store = TeacherStore.wait_layout(store_url, split, views)
-        store.check_binding(binding, recipe_dict)
+        store.check_binding(_grown_as_it_is(binding, store), recipe_dict)
     return store
+
+
+def _grown_as_it_is(binding: dict, store: TeacherStore) -> dict:
+    """The binding an existing store must match: a store of an older version this one can grow keeps it."""
+    version = store.attrs.get("format_version")
+    return {**binding, "format_version": version} if version in GROWABLE_VERSIONS else binding
 
 
 def run(
@@ -194,7 +200,8 @@ def _fill_store(shards: str, store_url: str, manifest: ShardManifest, teacher: T
 
     done = store.committed_units()
     units = [(s, v) for s in ctx.my_units(list(range(manifest.num_shards))) for v in range(views) if (s, v) not in done]
-    # Batches stay inside a unit, so the store's bytes do not depend on how ranks or resumes split the units.
+    # The teacher's batches (pieces) stay inside a unit, so the store's bytes do not depend on how ranks or resumes
+    # split the units, nor on which units share an item.
     dataset = ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
 

@@ -34,7 +34,9 @@ from deit_pipe.storage.location import join, resolve, storage_errors
 from deit_pipe.storage.manifest import ShardManifest
 from deit_pipe.storage.work_queue import CommitMarkers
 
-STORE_VERSION = 2  # 2: the logit code (1 kept a flat tail)
+# 3: the view digest named in the provenance (2's are blake2b); 2: the logit code (1 kept a flat tail)
+STORE_VERSION = 3
+GROWABLE_VERSIONS = (2, 3)  # a store of these versions takes more views as it is (a 2 keeps its blake2b digests)
 LAYOUT_MARKER = "layout"
 LIST_TRIES = 5  # listings of a store other ranks are writing, before a vanished file is an error
 _UNIT_MARKER = re.compile(r"(\d+)-(\d+)")

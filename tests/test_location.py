@@ -127,3 +127,20 @@ def test_a_local_listing_is_fsspecs_find(tmp_path):
     for rel, size in {"a/1.png": 3, "a/deep/2.jpg": 5}.items():
         memory.pipe(f"/listing/{rel}", b"x" * size)
     assert list_files("memory://listing") == {"a/1.png": 3, "a/deep/2.jpg": 5}
+
+
+def test_a_local_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    """fsspec's find leaves such a folder out, and its images with it; list_files says so in one line."""
+    from deit_pipe.storage import location
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    scandir = location.os.scandir
+
+    def refuse(path):
+        if str(path).endswith("/a"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(location.os, "scandir", refuse)
+    with pytest.raises(InputError, match=r"^list .*/src: PermissionError: \[Errno 13\] Permission denied: '.*/src/a'$"):
+        location.list_files(str(tmp_path / "src"))

@@ -262,9 +262,9 @@ def test_appending_views_leaves_old_chunks_alone(shards, weights, reference, tmp
 
 def test_views_appended_to_a_store_of_blake2b_digests_keep_blake2b(shards, weights, reference, tmp_path,
                                                                    monkeypatch):
-    """A store whose provenance names no view digest was made with blake2b (before crc32 became the default):
-    views appended to it carry blake2b digests too, and verify-store checks every unit with them. Its other
-    arrays are the reference's."""
+    """A version-2 store, whose provenance names no view digest, was made with blake2b (before crc32 became the
+    default): it takes more views as it is, whose digests are blake2b too, and verify-store checks every unit
+    with them. Its other arrays are the reference's."""
     store = str(tmp_path / "store")
     monkeypatch.setattr(stage, "VIEW_DIGEST", "blake2b")
     teacher_logits(shards, store, weights)
@@ -272,8 +272,9 @@ def test_views_appended_to_a_store_of_blake2b_digests_keep_blake2b(shards, weigh
     group = TeacherStore.open(store, "train", writable=True).group
     provenance = dict(group.attrs["provenance"])
     assert provenance.pop("view_digest") == "blake2b"
-    group.attrs["provenance"] = provenance  # as the stores made before digests were named
+    group.attrs.update({"provenance": provenance, "format_version": 2})  # as stores before digests were named
     teacher_logits(shards, store, weights, views=VIEWS + 2)
+    assert TeacherStore.open(store, "train").attrs["format_version"] == 2  # grown as it is
 
     got, want = arrays(store), arrays(reference)
     for name in ARRAYS[:-1]:

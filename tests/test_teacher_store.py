@@ -241,7 +241,7 @@ def test_a_store_without_provenance_is_refused_by_its_fields(tmp_path):
     store = create(str(tmp_path / "store"), m)
     del store.group.attrs["provenance"]
     store.group.attrs["format_version"] = 1
-    with pytest.raises(InputError, match="format_version is 1 in the store but 2 here"):
+    with pytest.raises(InputError, match="format_version is 1 in the store but 3 here"):
         store.check_binding(binding(m), RECIPE)
 
 

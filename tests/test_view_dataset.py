@@ -21,7 +21,7 @@ from torchvision.transforms import PILToTensor
 from deit_pipe.data import view_dataset
 from deit_pipe.data import views as views_module
 from deit_pipe.data.recipe import ViewRecipe
-from deit_pipe.data.view_dataset import EvalDataset, RecentlyRead, ShardReader, ViewDataset
+from deit_pipe.data.view_dataset import EvalDataset, ItemDecodes, RecentlyRead, ShardReader, ViewDataset
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker
 from deit_pipe.distributed.context import RankContext
@@ -142,6 +142,8 @@ def test_joined_batches_hold_every_field_in_order():
     written = torch.zeros(3, 3, 2, 2)
     in_place = ViewBatch.cat([batch([3], 0), batch([5, 4], 2)], images=written)
     assert in_place.images is written and torch.equal(in_place.idx, idx)
+    with pytest.raises(TypeError, match="ViewBatch has no field 'pixels'"):
+        ViewBatch.cat([batch([3], 0)], pixels=written)
 
 
 # Two pieces in two shards and views, positions out of storage order: rows must follow the pieces.
@@ -179,6 +181,14 @@ def test_an_item_decodes_each_sample_once_for_all_its_pieces(shards, monkeypatch
     assert sorted(decoded) == sorted(samples[s][q].image for s, q in needed)
     want = [MAKER.shard_views(samples[p.shard], p.shard, p.v, list(p.positions)).images for p in item]
     assert torch.equal(batch.images, torch.cat(want))
+    # An image is kept while pieces still to come use it, then dropped: none is left when the item is done.
+    decodes = ItemDecodes(MAKER, item, samples)
+    held = []
+    for p in item:
+        MAKER.shard_views(samples[p.shard], p.shard, p.v, list(p.positions), decoded=decodes.of(p.shard))
+        held.append(decodes.held)
+    shard_2 = sum(s == 2 for s, _ in needed)
+    assert held == [shard_2, shard_2, 0, 0]
 
 
 class SharedImages(Dataset):
