@@ -40,7 +40,7 @@ def unit_items(
     """
     groups: dict[tuple[int, int], list[int]] = {}
     for shard, v in units:
-        groups.setdefault((shard, v // maker.recipe.pairing_views), []).append(v)
+        groups.setdefault((shard, maker.pairing_block(v)), []).append(v)
     items: list[list[ViewPiece]] = []
     for (shard, _), views in groups.items():
         order = cycle_order(maker, manifest, shard, views[0])

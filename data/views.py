@@ -91,10 +91,13 @@ class ViewMaker:
     def _key(self, purpose: str, unit: int, v: int) -> np.random.SeedSequence:
         return seed_sequence(purpose, self.recipe.seed, self.split, unit, v)
 
+    def pairing_block(self, v: int) -> int:
+        """The block of views that share view v's mixing pairing (and so its cycle through each shard)."""
+        return v // self.recipe.pairing_views
+
     def partner_positions(self, shard_index: int, n: int, v: int) -> np.ndarray:
         """Partner position of each of a shard's n positions in view v: one cycle through all of them."""
-        block = v // self.recipe.pairing_views
-        order = permutation(n, "pair", self.recipe.seed, self.split, shard_index, block)
+        order = permutation(n, "pair", self.recipe.seed, self.split, shard_index, self.pairing_block(v))
         partner = np.empty(n, dtype=np.int64)
         partner[order] = np.roll(order, -1)
         return partner
