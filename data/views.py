@@ -209,10 +209,10 @@ def view_digest(images: torch.Tensor, kind: str = VIEW_DIGEST) -> torch.Tensor:
     """
     pixels = images.detach().to("cpu", torch.float32).contiguous()
     halves = pixels.to(torch.float16)
-    bits = halves.view(torch.int16)
-    # Find float16 -0.0 first (cheap, and almost never there); only those need the float32 check.
-    negative_zero = bits == -0x8000
-    if negative_zero.any():
-        bits[negative_zero & (pixels == 0)] = 0
+    bits = halves.numpy().view(np.int16)
+    # float16 -0.0 is the int16 minimum (0x8000), and almost never there: a numpy min finds out (10 us a 224 px
+    # view, against 150 for torch's == and any() on one thread); only then the float32 check.
+    if bits.size and bits.min() == -0x8000:
+        bits[(bits == -0x8000) & (pixels == 0).numpy()] = 0
     rows = halves.numpy().astype("<f2", copy=False)
     return torch.tensor([VIEW_DIGESTS[kind](row.data) for row in rows], dtype=torch.int64)
