@@ -4,13 +4,16 @@
 
 Each image is smooth colour regions (low-frequency noise, upsampled) with fine texture on top, so it compresses
 and decodes like a photo (about 60-120 KB at q90, ImageNet's mean is about 110 KB), not like flat noise or a
-flat colour. Seeded: the same arguments give the same files.
+flat colour. Seeded: the same arguments give the same files (photo i of a split from its own seed, so a pool of
+processes writes them, whatever their number).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +30,19 @@ def photo(rng: np.random.Generator, width: int = 500, height: int = 375) -> byte
     return out.getvalue()
 
 
+def _write(dest: Path, split: str, i: int, classes: int, seed: int) -> None:
+    path = dest / split / f"class{i % classes:03d}" / f"{i:06d}.JPEG"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(photo(np.random.default_rng([seed, split == "val", i])))
+
+
 def write_folder(dest: Path, images: int, classes: int, seed: int = 0) -> Path:
-    """DEST/train/class<c>/<i>.JPEG (and a small val split); returns DEST."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", images), ("val", max(classes, images // 20))):
-        for i in range(count):
-            path = dest / split / f"class{i % classes:03d}" / f"{i:06d}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(photo(rng))
+    """DEST/train/class<c>/<i>.JPEG (and a small val split), written by a process per core; returns DEST."""
+    jobs = [(split, i) for split, count in (("train", images), ("val", max(classes, images // 20)))
+            for i in range(count)]
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        list(pool.map(_write, *zip(*[(dest, split, i, classes, seed) for split, i in jobs], strict=True),
+                      chunksize=64))
     return dest
 
 

@@ -17,6 +17,7 @@ seeded random weights: speed does not depend on what it learned.
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -60,8 +61,12 @@ def steps(run):
         epoch += 1
 
 
-def images_per_s(run, warmup: int, count: int) -> float:
+def images_per_s(run, warmup: int, count: int, resident: bool = False) -> float:
+    """Images/s of `count` training steps after `warmup`; `resident`: every step trains on the loader's first
+    batch again, so the rate is the device's alone (what the loader must keep up with)."""
     it = steps(run)
+    if resident:
+        it = itertools.repeat(next(it))
     for _ in range(warmup):
         run.train_step(*next(it))
     _sync(run.device)
@@ -73,9 +78,10 @@ def images_per_s(run, warmup: int, count: int) -> float:
 
 
 def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds: int, warmup: int,
-            count: int) -> tuple[dict, dict[str, list[float]]]:
+            count: int, resident: bool = False) -> tuple[dict, dict[str, list[float]]]:
     """The three modes of `base` (a TrainConfig) measured in turns, the order rotating each round:
-    (their runs, images/s of each turn)."""
+    (their runs, images/s of each turn); `resident` adds each mode on one batch again and again ("<mode>,
+    resident"): the device's own rates, whatever the loader keeps up with."""
     from deit_pipe.stages.train import CheckedConfig, StudentRun
 
     configs = {
@@ -89,6 +95,8 @@ def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds:
     for r in range(rounds):
         for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
             speeds[mode].append(images_per_s(runs[mode], warmup, count))
+            if resident:
+                speeds.setdefault(f"{mode}, resident", []).append(images_per_s(runs[mode], warmup, count, True))
     for run in runs.values():
         run.close()
     return runs, speeds

@@ -18,5 +18,7 @@ def test_the_gpu_check_runs_tiny_on_this_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "gpu.md").read_text()
     for row in ("| inference deit_small_patch16_224 |", "| teacher-logits regnetx_002 fp32 |",
-                "| train deit_tiny_distilled_patch16_224 ZeRO-2 fp32 |", "| loader at 64 px, 1 workers, rank 0 of 3 |"):
+                "| train deit_tiny_distilled_patch16_224 ZeRO-2 fp32 |",
+                "| train deit_tiny_distilled_patch16_224 ZeRO-2 fp32, one batch in memory (the device's own rate, no "
+                "loader) |", "| loader at 64 px, 1 workers, rank 0 of 3, batch 4 |"):
         assert row in table, table
