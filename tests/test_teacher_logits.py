@@ -194,7 +194,9 @@ def test_teacher_on_replayed_views_agrees_with_every_stored_row(shards, weights,
             recomputed = np.take_along_axis(logits.numpy(), stored.classes.astype(np.int64), axis=1)
             assert verify_store.fp16_ulps(stored.logits, recomputed).max() <= 1.0
             below_top_k = logits.sort(dim=1, descending=True).values[:, K:]
-            np.testing.assert_allclose(stored.tail_lse, torch.logsumexp(below_top_k, 1).numpy(), rtol=1e-5)
+            # The stage scored other batches: float32 logits that differ in their last bits (SIMD paths by batch
+            # size) move an lse by as much in absolute terms, which near 0 is no small relative error.
+            np.testing.assert_allclose(stored.tail_lse, torch.logsumexp(below_top_k, 1).numpy(), rtol=1e-5, atol=1e-4)
             np.testing.assert_array_equal(stored.partner, batch.partner.numpy())
             np.testing.assert_array_equal(stored.lam, batch.lam.numpy())
             np.testing.assert_array_equal(stored.digest, batch.digest.numpy())
