@@ -52,13 +52,13 @@ def prepare(tmp: Path, args) -> tuple[str, str, str]:
 
 
 def steps(run):
-    """train_step's arguments for epoch 0's steps, then epoch 1's, ... for as long as asked."""
-    epoch = 0
-    while True:
+    """train_step's arguments for epoch 0's steps, then epoch 1's, ... up to the run's last epoch, in one loader
+    pass as train walks them."""
+    batches = iter(run.data.loader(0, 0, run.cfg.epochs))
+    for epoch in range(run.cfg.epochs):
         steps_in = run.data.steps_in(epoch)
-        for step, (_, batch, stored) in enumerate(run.data.loader(epoch, 0)):
+        for step, (_, batch, stored) in zip(range(steps_in), batches, strict=False):
             yield batch, stored, epoch, step, steps_in
-        epoch += 1
 
 
 def images_per_s(run, warmup: int, count: int, resident: bool = False) -> float:

@@ -171,19 +171,20 @@ class ItemDecodes:
 
 class EpochSteps(Sampler):
     """The (epoch, step) items of one loader pass, set before each pass: one persistent loader, whose workers
-    keep their processes and caches, serves every epoch."""
+    keep their processes and caches, serves every epoch. A pass may run through several epochs, so that workers
+    make the next epoch's first batches while this one's last are trained on and evaluated."""
 
     def __init__(self):
-        self.epoch, self.steps = 0, range(0)
+        self.spans: list[tuple[int, range]] = []
 
-    def set(self, epoch: int, steps: range) -> None:
-        self.epoch, self.steps = epoch, steps
+    def set(self, spans: list[tuple[int, range]]) -> None:
+        self.spans = spans
 
     def __iter__(self):
-        return ((self.epoch, step) for step in self.steps)
+        return ((epoch, step) for epoch, steps in self.spans for step in steps)
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return sum(len(steps) for _, steps in self.spans)
 
 
 class EpochViews(Dataset):
@@ -231,9 +232,16 @@ class TrainViews:
         return rank_items(self.maker, self.manifest, self.plans(epoch), self.rank, self.seed, self.store_views,
                           self.allow_view_reuse)
 
-    def loader(self, epoch: int, start_step: int) -> DataLoader:
-        """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`."""
-        self._steps.set(epoch, range(start_step, self.steps_in(epoch)))
+    def loader(self, epoch: int, start_step: int, end_epoch: int | None = None) -> DataLoader:
+        """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`,
+        then every step of the epochs after it up to `end_epoch` (exclusive; default: `epoch` alone).
+
+        One pass through the epochs of a run keeps the workers busy across their ends: a pass per epoch would
+        start the next epoch's batches only when asked for its first, and wait a whole batch's work for it (a
+        batch is made by one worker: 0.6 s at 224 px and 128 views), once an epoch."""
+        end_epoch = epoch + 1 if end_epoch is None else end_epoch
+        self._steps.set([(e, range(start_step if e == epoch else 0, self.steps_in(e)))
+                         for e in range(epoch, end_epoch)])
         return self._loader
 
     def close(self) -> None:

@@ -355,11 +355,14 @@ def _train(r: StudentRun) -> dict:
         epoch, start_step = epoch + 1, 0
     started, images = time.time(), 0
     stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps  # a resume of a run --max-steps already stopped
+    # One loader pass through the run's epochs: the workers go on across epoch ends (and evaluations).
+    batches = iter(r.data.loader(epoch, start_step, epoch if stop else cfg.epochs))
     while epoch < cfg.epochs and not stop:
         steps, epoch_started, losses = r.data.steps_in(epoch), time.time(), []
         with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="img", unit_scale=r.samples_per_step,
                   disable=not r.ctx.is_main or None) as bar:
-            for step, (_, batch, stored) in enumerate(r.data.loader(epoch, start_step), start=start_step):
+            # zip asks range first: after the epoch's last step it stops without taking the next epoch's batch
+            for step, (_, batch, stored) in zip(range(start_step, steps), batches, strict=False):
                 losses.append(r.train_step(batch, stored, epoch, step, steps))
                 total_steps, images = total_steps + 1, images + len(batch.idx)
                 logged = r.records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])
@@ -372,11 +375,17 @@ def _train(r: StudentRun) -> dict:
                     r.checkpoints.save(r.engine, epoch, step + 1, total_steps)
                 if stop:
                     break
-        if start_step + len(losses) == steps:  # the epoch's end, also when --max-steps stops the run there
+        walked = start_step + len(losses)
+        if walked == steps:  # the epoch's end, also when --max-steps stops the run there
             r.end_epoch(epoch, total_steps, losses, time.time() - epoch_started)
             epoch, start_step = epoch + 1, 0
         if stop:
             break
+        if walked < steps:  # the pass ran out inside an epoch: a loader bug, not to loop on
+            raise RuntimeError(f"the loader's pass ended at step {walked} of epoch {epoch}'s {steps}")
+    # The pass holds the loader's workers, and this frame can outlive the run: matplotlib's first import (in
+    # finish) leaves tracebacks in pyparsing that reach it. Dropped here, close() ends the workers.
+    del batches
     return r.finish(total_steps, time.time() - started, images, completed=epoch >= cfg.epochs)
 
 

@@ -9,6 +9,7 @@ returns is checked against that function. Real Fashion-MNIST images in shards of
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,41 @@ def test_one_persistent_loader_serves_every_epoch_with_the_plans_items(shards, m
             assert pieces == plan[i] and stored is None
             assert torch.equal(batch.images, want[i][1].images) and torch.equal(batch.idx, want[i][1].idx)
     assert len(workers) == 1 and len(next(iter(workers))) == 2  # the same two worker processes in every pass
+
+
+def test_a_pass_through_epochs_makes_the_next_epochs_first_batch_before_it_is_asked_for(shards, manifest, tmp_path,
+                                                                                        monkeypatch):
+    """train walks one loader pass through its epochs: the pass yields each epoch's plan items in turn (from the
+    start step in the first), and while the last batches of an epoch are trained on, the workers already make
+    the next epoch's first (a pass per epoch would start it only when asked, a whole batch's work later)."""
+    from deit_pipe.data.schedule import EpochPlan, rank_items
+    from deit_pipe.data.view_dataset import EpochViews, TrainViews
+
+    made = tmp_path / "made"
+    make = EpochViews.__getitem__
+
+    def logged(self, item):  # runs in the forked worker: the log is a file
+        out = make(self, item)
+        with open(made, "a") as f:
+            f.write(f"{item[0]} {item[1]}\n")
+        return out
+
+    monkeypatch.setattr(EpochViews, "__getitem__", logged)
+
+    def plans(epoch):
+        return EpochPlan(manifest.num_samples, epoch, 3, 1, 16)
+
+    views = TrainViews(shards, manifest, MAKER, plans, rank=0, seed=0, store_url=None, store_views=None,
+                       allow_view_reuse=False, workers=1)
+    want = [(epoch, i, item) for epoch in (0, 1, 2) for i, item in enumerate(rank_items(MAKER, manifest, plans(epoch),
+                                                                                        0, 0, None))][2:]
+    batches = iter(views.loader(0, 2, 3))
+    first_epoch = [next(batches) for _ in range(views.steps_in(0) - 2)]
+    deadline = time.monotonic() + 30
+    while "1 0" not in (made.read_text().splitlines() if made.exists() else []) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "1 0" in made.read_text().splitlines(), "epoch 1's first batch was not made ahead"
+    got = first_epoch + list(batches)
+    assert [pieces for pieces, _, _ in got] == [item for _, _, item in want]
+    assert made.read_text().splitlines() == [f"{epoch} {i}" for epoch, i, _ in want]
+    views.close()
