@@ -14,10 +14,10 @@ all three), and as rank 0 of a world of 3, whose batches hold one copy each (its
 as the others). Measured in turns for --rounds rounds, each the best of its turns (timeit's rule on a shared
 machine); prints images/s, images/s per worker and the ratios ours/theirs (goal >= 1.2).
 
-Steady state, as on ImageNet, whose epochs are thousands of batches: in each epoch the clock starts once the
-first batch of every worker is out (a loader's first `workers` batches are made at once and come out after a
-whole batch's work, however fast the workers then go), for both loaders alike. Rank 0 of 3 walks three short
-epochs here, where timing them whole would count three such fills against one of theirs.
+Steady state, as on ImageNet, whose epochs are thousands of batches: the clock starts once the first batch of
+every worker is out (a loader's first `workers` batches are made at once and come out after a whole batch's
+work, however fast the workers then go), for both loaders alike. Rank 0 of 3 walks its three short epochs in one
+pass, as train does.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def ours(shards: str, store: str, args, world: int):
     views = TrainViews(shards, manifest, maker,
                        lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, world, args.batch), rank=0, seed=0,
                        store_url=store, store_views=3, allow_view_reuse=False, workers=args.workers)
-    epochs = range(1 if world < 3 else 3)  # rank 0 of 3 makes a third of an epoch's views
-    return lambda: (((batch.images, batch.label) for _, batch, _ in views.loader(e, 0)) for e in epochs)
+    epochs = 1 if world < 3 else 3  # rank 0 of 3 makes a third of an epoch's views: walked in one pass, as train
+    return lambda: [((batch.images, batch.label) for _, batch, _ in views.walk(0, 0, epochs))]
 
 
 def theirs(folder: Path, args):
@@ -92,8 +92,8 @@ def theirs(folder: Path, args):
 
 
 def images_per_s(epochs, fill: int) -> float:
-    """Images/s of the epochs `epochs()` gives (each an iterator of (images, labels) batches), each epoch timed
-    from its `fill`-th batch on (0: from its start)."""
+    """Images/s of the passes `epochs()` gives (each an iterator of (images, labels) batches), each timed from its
+    `fill`-th batch on (0: from its start)."""
     seconds, count = 0.0, 0
     for batches in epochs():
         batches = iter(batches)
@@ -129,7 +129,7 @@ def main() -> None:
     cores = max(args.workers, 1)
     print(f"{args.images} JPEGs 500x375 q90 -> {args.img_size} px, DeiT's recipe, batch {args.batch}, "
           f"{args.workers} workers on {os.cpu_count()} cores; best of {args.rounds} rounds; steady state (each "
-          f"epoch from its batch {args.workers} on)")
+          f"pass from its batch {args.workers} on)")
     print(f"{'loader':8}{'images/s':>10}{'per worker':>12}   per round")
     for name in loaders:
         print(f"{name:8}{best[name]:10.1f}{best[name] / cores:12.1f}   {' '.join(f'{s:.0f}' for s in speeds[name])}")

@@ -54,19 +54,29 @@ def prepare(tmp: Path, args) -> tuple[str, str, str]:
 def steps(run):
     """train_step's arguments for epoch 0's steps, then epoch 1's, ... up to the run's last epoch, in one loader
     pass as train walks them."""
-    batches = iter(run.data.loader(0, 0, run.cfg.epochs))
+    batches = run.data.walk(0, 0, run.cfg.epochs)
     for epoch in range(run.cfg.epochs):
         steps_in = run.data.steps_in(epoch)
         for step, (_, batch, stored) in zip(range(steps_in), batches, strict=False):
             yield batch, stored, epoch, step, steps_in
 
 
+def settle(run) -> None:
+    """Wait for the batches still in flight: an empty pass resets the persistent loader, whose workers then idle
+    (else they go on decoding into the next turn, of this run or of another)."""
+    iter(run.data.loader(0, 0, 0))
+
+
 def images_per_s(run, warmup: int, count: int, resident: bool = False) -> float:
     """Images/s of `count` training steps after `warmup`; `resident`: every step trains on the loader's first
     batch again, so the rate is the device's alone (what the loader must keep up with)."""
+    available = sum(run.data.steps_in(e) for e in range(run.cfg.epochs))
+    if warmup + count > available:
+        raise SystemExit(f"a turn needs {warmup} + {count} steps, the run's epochs hold {available}: more images")
     it = steps(run)
     if resident:
         it = itertools.repeat(next(it))
+        settle(run)
     for _ in range(warmup):
         run.train_step(*next(it))
     _sync(run.device)
@@ -74,7 +84,9 @@ def images_per_s(run, warmup: int, count: int, resident: bool = False) -> float:
     for _ in range(count):
         run.train_step(*next(it))
     _sync(run.device)
-    return count * run.cfg.engine.micro_batch / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    settle(run)
+    return count * run.cfg.engine.micro_batch / seconds
 
 
 def measure(base, store: str, teacher: str, weights: str, img_size: int, rounds: int, warmup: int,

@@ -356,7 +356,7 @@ def _train(r: StudentRun) -> dict:
     started, images = time.time(), 0
     stop = bool(cfg.max_steps) and total_steps >= cfg.max_steps  # a resume of a run --max-steps already stopped
     # One loader pass through the run's epochs: the workers go on across epoch ends (and evaluations).
-    batches = iter(r.data.loader(epoch, start_step, epoch if stop else cfg.epochs))
+    batches = r.data.walk(epoch, start_step, epoch if stop else cfg.epochs)
     while epoch < cfg.epochs and not stop:
         steps, epoch_started, losses = r.data.steps_in(epoch), time.time(), []
         with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="img", unit_scale=r.samples_per_step,
@@ -383,9 +383,6 @@ def _train(r: StudentRun) -> dict:
             break
         if walked < steps:  # the pass ran out inside an epoch: a loader bug, not to loop on
             raise RuntimeError(f"the loader's pass ended at step {walked} of epoch {epoch}'s {steps}")
-    # The pass holds the loader's workers, and this frame can outlive the run: matplotlib's first import (in
-    # finish) leaves tracebacks in pyparsing that reach it. Dropped here, close() ends the workers.
-    del batches
     return r.finish(total_steps, time.time() - started, images, completed=epoch >= cfg.epochs)
 
 

@@ -8,6 +8,7 @@ returns is checked against that function. Real Fashion-MNIST images in shards of
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import time
 from pathlib import Path
@@ -364,13 +365,31 @@ def test_a_pass_through_epochs_makes_the_next_epochs_first_batch_before_it_is_as
                        allow_view_reuse=False, workers=1)
     want = [(epoch, i, item) for epoch in (0, 1, 2) for i, item in enumerate(rank_items(MAKER, manifest, plans(epoch),
                                                                                         0, 0, None))][2:]
-    batches = iter(views.loader(0, 2, 3))
-    first_epoch = [next(batches) for _ in range(views.steps_in(0) - 2)]
-    deadline = time.monotonic() + 30
-    while "1 0" not in (made.read_text().splitlines() if made.exists() else []) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "1 0" in made.read_text().splitlines(), "epoch 1's first batch was not made ahead"
-    got = first_epoch + list(batches)
-    assert [pieces for pieces, _, _ in got] == [item for _, _, item in want]
-    assert made.read_text().splitlines() == [f"{epoch} {i}" for epoch, i, _ in want]
+    try:
+        batches = views.walk(0, 2, 3)
+        first_epoch = [next(batches) for _ in range(views.steps_in(0) - 2)]
+        deadline = time.monotonic() + 30
+        while "1 0" not in (made.read_text().splitlines() if made.exists() else []) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "1 0" in made.read_text().splitlines(), "epoch 1's first batch was not made ahead"
+        got = first_epoch + list(batches)
+        assert [pieces for pieces, _, _ in got] == [item for _, _, item in want]
+        assert made.read_text().splitlines() == [f"{epoch} {i}" for epoch, i, _ in want]
+    finally:
+        views.close()
+
+
+def test_close_ends_the_workers_of_a_pass_still_held(shards, manifest):
+    """A frame that outlives a run holds its pass (a library's cached traceback): close() still ends the workers."""
+    from deit_pipe.data.schedule import EpochPlan
+    from deit_pipe.data.view_dataset import TrainViews
+
+    views = TrainViews(shards, manifest, MAKER, lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, 1, 16), rank=0,
+                       seed=0, store_url=None, store_views=None, allow_view_reuse=False, workers=1)
+    others = set(multiprocessing.active_children())  # earlier tests' loaders in this process
+    batches = views.walk(0, 0, 2)
+    next(batches)
+    workers = set(multiprocessing.active_children()) - others
+    assert len(workers) == 1
     views.close()
+    assert not workers & set(multiprocessing.active_children()) and list(batches) == []
