@@ -17,6 +17,7 @@ import typer
 
 from deit_pipe.choices import Distillation, Precision, SoftReduction
 from deit_pipe.errors import EnvironmentFault, InputError
+from deit_pipe.pipeline.launch import end_with_launcher
 
 app = typer.Typer(
     name="deit-pipe",
@@ -460,6 +461,7 @@ def retry_defaults() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    end_with_launcher()
     retry_defaults()
     try:
         app(args=argv, standalone_mode=False)

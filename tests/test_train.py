@@ -69,8 +69,8 @@ def deit_pipe(*args: str, nproc: int = 2, check: bool = True, timeout: float = 6
     cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args] + (["--nproc-per-node", str(nproc)]
                                                                      if nproc > 1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, killed whole on a timeout: the ranks are torchrun's children, and a hung run's ranks left
-    # running would take the cores of every test after it.
+    # Its own session, killed whole on a timeout; torchrun's ranks (sessions of their own) end with the launcher
+    # (test_the_ranks_of_a_sigkilled_launcher_end_with_it): a hung run's ranks would take every later test's cores.
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as child:
         try:
@@ -364,6 +364,51 @@ def test_sigkilled_run_resumes_to_the_unbroken_parameters(data, reference, tmp_p
     train(data, out, *REFERENCE, "--checkpoint-every", "2", "--resume")
     assert rank_states(out) == rank_states(reference)
     assert exported_digest(out) == exported_digest(reference)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (/proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_ranks_of_a_sigkilled_launcher_end_with_it(data, tmp_path):
+    """--nproc-per-node runs torchrun inside the deit-pipe process, and torchrun puts each rank in a session of its
+    own: a SIGKILL of the launcher (a scheduler's, a test's timeout) must not leave the ranks training."""
+    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", "train", data["shards"], "-o", str(tmp_path / "run"),
+           "--logits", data["store"], *STUDENT, "--epochs", "60", "--allow-view-reuse", "--zero", "0", "--precision",
+           "fp32", "--nproc-per-node", "2"]
+    with subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True) as launcher:
+        deadline = time.monotonic() + 120
+        while len(ranks := _children(launcher.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(ranks) == 2, "the ranks did not start"
+        while not (tmp_path / "run" / "run.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the ranks are at work
+        os.kill(launcher.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(map(_running, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in ranks if _running(pid)]
+    for pid in left:  # not to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "ranks outlived their launcher"
 
 
 @pytest.mark.slow
