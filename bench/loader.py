@@ -66,7 +66,7 @@ def ours(shards: str, store: str, args, world: int):
                        lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, world, args.batch), rank=0, seed=0,
                        store_url=store, store_views=3, allow_view_reuse=False, workers=args.workers)
     epochs = 1 if world < 3 else 3  # rank 0 of 3 makes a third of an epoch's views: walked in one pass, as train
-    return lambda: [((batch.images, batch.label) for _, batch, _ in views.walk(0, 0, epochs))]
+    return lambda: ((batch.images, batch.label) for _, batch, _ in views.walk(0, 0, epochs))
 
 
 def theirs(folder: Path, args):
@@ -88,22 +88,18 @@ def theirs(folder: Path, args):
         for images, labels in loader:
             yield mixup(images, labels)
 
-    return lambda: [epoch()]
+    return epoch
 
 
-def images_per_s(epochs, fill: int) -> float:
-    """Images/s of the passes `epochs()` gives (each an iterator of (images, labels) batches), each timed from its
-    `fill`-th batch on (0: from its start)."""
-    seconds, count = 0.0, 0
-    for batches in epochs():
-        batches = iter(batches)
-        for _ in range(fill):
-            next(batches, None)
-        start = time.perf_counter()
-        for images, _ in batches:
-            count += len(images)
-        seconds += time.perf_counter() - start
-    return count / seconds
+def images_per_s(batches, fill: int) -> float:
+    """Images/s of the pass `batches()` gives ((images, labels) batches), timed from its `fill`-th batch on."""
+    batches = batches()
+    for _ in range(fill):
+        next(batches, None)
+    start, count = time.perf_counter(), 0
+    for images, _ in batches:
+        count += len(images)
+    return count / (time.perf_counter() - start)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,7 @@ def write_folder(dest: Path, images: int, classes: int, seed: int = 0) -> Path:
     jobs = [(split, i) for split, count in (("train", images), ("val", max(classes, images // 20)))
             for i in range(count)]
     with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        list(pool.map(_write, *zip(*[(dest, split, i, classes, seed) for split, i in jobs], strict=True),
-                      chunksize=64))
+        list(pool.map(partial(_write, dest, classes=classes, seed=seed), *zip(*jobs, strict=True), chunksize=64))
     return dest
 
 

@@ -65,20 +65,12 @@ def data(fmnist_folder, tmp_path_factory) -> dict[str, str]:
             "weights": str(weights)}
 
 
-def deit_pipe(*args: str, nproc: int = 2, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def deit_pipe(*args: str, nproc: int = 2, check: bool = True, timeout: float = 600,
+              **popen) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args] + (["--nproc-per-node", str(nproc)]
                                                                      if nproc > 1 else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, killed whole on a timeout; torchrun's ranks (sessions of their own) end with the launcher
-    # (test_the_ranks_of_a_sigkilled_launcher_end_with_it): a hung run's ranks would take every later test's cores.
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as child:
-        try:
-            stdout, stderr = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            raise
-    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
