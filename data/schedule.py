@@ -71,6 +71,16 @@ def teams(world: int, repeats: int) -> list[range]:
 
 
 @dataclass(frozen=True)
+class StepRoutes:
+    """One rank's part of a step's team exchange (EpochPlan.routes)."""
+
+    made: list[int]  # the elements it makes, in the order it sends them
+    send_splits: list[int]  # how many of them go to each team member
+    recv_splits: list[int]  # how many of its micro batch's views come from each team member
+    order: list[int]  # row i of its micro batch is the order[i]-th view received
+
+
+@dataclass(frozen=True)
 class EpochPlan:
     """The arithmetic of one epoch: how many elements it holds, how many each rank takes, which team takes which."""
 
@@ -114,16 +124,39 @@ class EpochPlan:
             start += len(team) * self.quota
         raise ValueError(f"rank {rank} is outside world {self.world}")
 
+    def _block(self, team: range, start: int, step: int) -> list[int]:
+        """The team's elements of a step, copy-major: member m's micro batch is the m-th run of `batch` of them."""
+        size, b, r = len(team), self.batch, self.repeats
+        return sorted(range(start + step * size * b, start + (step + 1) * size * b), key=lambda x: (x % r, x))
+
     def rank_elements(self, rank: int) -> list[list[int]]:
         """This rank's micro batches as element numbers of the epoch (x: position x // R, copy x % R)."""
         team, start = self.team_of(rank)
+        member, b = rank - team.start, self.batch
+        return [self._block(team, start, k)[member * b : (member + 1) * b] for k in range(self.steps)]
+
+    def routes(self, rank: int, step: int) -> StepRoutes:
+        """Who makes which of the team's views in a step when the members split its samples, not its copies.
+
+        Member m makes every copy of the m-th of `size` contiguous slices of the block's positions (one decode a
+        sample for the team, where each member's own copies would need one each); each view then goes to the
+        member and row that `rank_elements` gives it."""
+        team, start = self.team_of(rank)
         member, size, b, r = rank - team.start, len(team), self.batch, self.repeats
-        batches = []
-        for k in range(self.steps):
-            block = range(start + k * size * b, start + (k + 1) * size * b)
-            copy_major = sorted(block, key=lambda x: (x % r, x))
-            batches.append(copy_major[member * b : (member + 1) * b])
-        return batches
+        block = self._block(team, start, step)
+        positions = sorted({x // r for x in block})
+        maker = {int(p): m for m, chunk in enumerate(np.array_split(positions, size)) for p in chunk}
+        made = [x for x in block if maker[x // r] == member]  # block order: by destination member, then row
+        slot = {x: i for i, x in enumerate(block)}
+        mine = block[member * b : (member + 1) * b]
+        arriving = sorted(mine, key=lambda x: (maker[x // r], slot[x]))  # all_to_all: by source, each in slot order
+        where = {x: i for i, x in enumerate(arriving)}
+        return StepRoutes(
+            made=made,
+            send_splits=[sum(slot[x] // b == m for x in made) for m in range(size)],
+            recv_splits=[sum(maker[x // r] == m for x in mine) for m in range(size)],
+            order=[where[x] for x in mine],
+        )
 
 
 class GroupWalk:
@@ -155,14 +188,16 @@ def check_pairing(repeats: int, pairing_views: int) -> None:
 
 
 def rank_items(maker: ViewMaker, manifest: ShardManifest, plan: EpochPlan, rank: int, seed: int,
-               num_views: int | None, allow_reuse: bool = False) -> list[list[ViewPiece]]:
-    """This rank's micro batches in this epoch, each a list of runs (shard, view, positions along the cycle)."""
+               num_views: int | None, allow_reuse: bool = False, exchange: bool = False) -> list[list[ViewPiece]]:
+    """This rank's micro batches in this epoch, each a list of runs (shard, view, positions along the cycle); with
+    `exchange`, the views it makes for its team in each step instead (EpochPlan.routes)."""
     check_pairing(plan.repeats, maker.recipe.pairing_views)
     views = epoch_views(plan.epoch, plan.repeats, num_views, allow_reuse)
     walk = GroupWalk(maker, manifest, plan.epoch // plan.repeats, views[0], seed)
     first = plan.positions.start
     items = []
-    for elements in plan.rank_elements(rank):
+    made = [plan.routes(rank, k).made for k in range(plan.steps)] if exchange else plan.rank_elements(rank)
+    for elements in made:
         runs: list[tuple[int, int, list[int]]] = []
         for x in elements:
             shard, pos = walk.at(first + x // plan.repeats)

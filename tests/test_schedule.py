@@ -247,3 +247,29 @@ def test_repeats_must_divide_the_recipes_pairing_views():
         rank_items(deit, m, EpochPlan(m.num_samples, 0, 2, 1, 4), 0, 0, None)
     assert rank_items(deit, m, EpochPlan(m.num_samples, 0, 3, 1, 4), 0, 0, None)
     assert rank_items(MAKER, m, EpochPlan(m.num_samples, 0, 2, 1, 4), 0, 0, None)
+
+
+@pytest.mark.parametrize("num_samples,repeats,world,batch", [(40, 3, 10, 2), (300, 3, 3, 8), (300, 3, 8, 6),
+                                                              (290, 3, 2, 5), (200, 2, 5, 4), (120, 1, 4, 3)])
+def test_a_team_exchange_makes_each_sample_once_and_delivers_every_rank_its_own_micro_batch(
+        num_samples, repeats, world, batch):
+    """Routes, checked by carrying out all_to_all_single by hand (rank j's output: what each rank i sends to j,
+    in rank order, each in i's send order): every rank ends with exactly its `rank_elements` micro batch, row for
+    row; within a team each element is made once, and all copies of a position by one member."""
+    plan = EpochPlan(num_samples, 0, repeats, world, batch)
+    for step in range(plan.steps):
+        for team in plan.teams:
+            routes = {rank: plan.routes(rank, step) for rank in team}
+            made = [x for rank in team for x in routes[rank].made]
+            assert sorted(made) == sorted(x for rank in team for x in plan.rank_elements(rank)[step])
+            maker = {x // repeats: rank for rank in team for x in routes[rank].made}
+            assert all(maker[x // repeats] == rank for rank in team for x in routes[rank].made)
+            sent = {}  # (source, destination) -> the elements, in send order
+            for i in team:
+                bounds = np.cumsum([0, *routes[i].send_splits])
+                for m, j in enumerate(team):
+                    sent[(i, j)] = routes[i].made[bounds[m] : bounds[m + 1]]
+            for j in team:
+                received = [x for i in team for x in sent[(i, j)]]
+                assert [len(sent[(i, j)]) for i in team] == routes[j].recv_splits
+                assert [received[k] for k in routes[j].order] == plan.rank_elements(j)[step]
