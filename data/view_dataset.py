@@ -216,6 +216,7 @@ class TrainViews:
     allow_view_reuse: bool
     workers: int
     pin_memory: bool = False  # a GPU run: batches in page-locked memory, so its non_blocking copies overlap
+    exchange: bool = False  # make the views of the rank's share of its team's samples (EpochPlan.routes)
 
     def __post_init__(self):
         self._steps = EpochSteps()
@@ -231,7 +232,7 @@ class TrainViews:
 
     def rank_plan(self, epoch: int) -> list[list[ViewPiece]]:
         return rank_items(self.maker, self.manifest, self.plans(epoch), self.rank, self.seed, self.store_views,
-                          self.allow_view_reuse)
+                          self.allow_view_reuse, self.exchange)
 
     def loader(self, epoch: int, start_step: int, end_epoch: int | None = None) -> DataLoader:
         """(pieces, views, store rows or None) of this rank's steps start_step, start_step + 1, ... of `epoch`,

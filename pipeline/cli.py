@@ -287,6 +287,10 @@ def train(
         min=0, help="Keep the newest K checkpoints on disk, removing older ones (0: keep all).")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --output.")] = False,
     allow_view_reuse: Annotated[bool, typer.Option(help="Reuse stored views past the end of the store.")] = False,
+    exchange: Annotated[bool, typer.Option(
+        help="Each rank of a repeated-augmentation team makes every copy of its share of a step's samples (one "
+        "decode a sample for the team, not one a copy) and the views reach their ranks by all_to_all: the same "
+        "batches, less loader work at R ranks or more.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps in total (with a checkpoint).")] = 0,
     nproc_per_node: Annotated[int, typer.Option(
         help="Start this many local ranks (via torchrun); leave 0 when launched by torchrun/deepspeed/srun.")] = 0,
@@ -307,7 +311,7 @@ def train(
         engine=EngineSpec(zero, precision, batch_size, grad_accum, user_config=ds_config),
         schedule=LRSchedule(lr, warmup_lr, min_lr, warmup_epochs, epochs, lr_per_step), weight_decay=weight_decay,
         workers=workers, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
-        allow_view_reuse=allow_view_reuse, max_steps=max_steps,
+        allow_view_reuse=allow_view_reuse, exchange=exchange, max_steps=max_steps,
     )
     if nproc_per_node:
         from deit_pipe.pipeline.launch import relaunch_under_torchrun

@@ -37,6 +37,7 @@ from deit_pipe.distributed import deepspeed_engine
 from deit_pipe.distributed.checkpoint import Checkpoints
 from deit_pipe.distributed.context import RankContext, loader_workers
 from deit_pipe.distributed.deepspeed_engine import EngineSpec, param_digest
+from deit_pipe.distributed.team_exchange import TeamExchange
 from deit_pipe.errors import EnvironmentFault, InputError
 from deit_pipe.loss.deit import DistillationLoss
 from deit_pipe.loss.teacher_targets import CachedTeacher, LogitCode, OnlineTeacher, StoreEntry, served_kl
@@ -112,6 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest K kept on disk; 0 = all
     resume: bool = False
     allow_view_reuse: bool = False
+    exchange: bool = False  # each RA team member decodes a share of a step's samples; views travel by all_to_all
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0 = run all epochs
 
     def __post_init__(self):
@@ -220,7 +222,10 @@ class StudentRun:
                                ViewMaker.for_store(self.recipe, "train", store.attrs if store else None),
                                partial(epoch_plan, cfg, manifest, self.ctx.world_size), self.ctx.rank, cfg.seed,
                                cfg.store if store else None, store.num_views if store else None,
-                               cfg.allow_view_reuse, self.workers, pin_memory=self.device.type == "cuda")
+                               cfg.allow_view_reuse, self.workers, pin_memory=self.device.type == "cuda",
+                               exchange=cfg.exchange)
+        teams = epoch_plan(cfg, manifest, self.ctx.world_size, 0).teams
+        self.exchange = TeamExchange(teams, self.ctx.rank) if cfg.exchange else None
         self.teacher = self._teacher(store)
         # What soft targets from the store cost: the mean KL to the teacher's own distribution at our tau.
         self.target_kl = (served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
@@ -277,6 +282,16 @@ class StudentRun:
             return None
         return Evaluation(cfg.shards, ShardManifest.load(cfg.shards, "val"), self.ctx, self.recipe.eval_transform(),
                           cfg.engine.micro_batch, self.workers, is_distilled(self.engine.module), self.device)
+
+    def own_views(self, made: ViewBatch, stored: StoreEntry | None, epoch: int,
+                  step: int) -> tuple[ViewBatch, StoreEntry | None]:
+        """This rank's micro batch (and store rows) from what its loader made: as made, or with the exchange, what
+        the team's members made for it."""
+        if self.exchange is None:
+            return made, stored
+        routes = self.data.plans(epoch).routes(self.ctx.rank, step)
+        return (self.exchange(made.to(self.device), routes),
+                None if stored is None else self.exchange(stored.to(self.device), routes))
 
     def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int,
                    steps: int) -> torch.Tensor:
@@ -362,7 +377,8 @@ def _train(r: StudentRun) -> dict:
         with tqdm(total=steps, initial=start_step, desc=f"epoch {epoch}", unit="img", unit_scale=r.samples_per_step,
                   disable=not r.ctx.is_main or None) as bar:
             # zip asks range first: after the epoch's last step it stops without taking the next epoch's batch
-            for step, (_, batch, stored) in zip(range(start_step, steps), batches, strict=False):
+            for step, (_, made, stored) in zip(range(start_step, steps), batches, strict=False):
+                batch, stored = r.own_views(made, stored, epoch, step)
                 losses.append(r.train_step(batch, stored, epoch, step, steps))
                 total_steps, images = total_steps + 1, images + len(batch.idx)
                 logged = r.records.step(epoch, step, total_steps, losses[-1], r.engine.optimizer.param_groups[0]["lr"])

@@ -256,6 +256,17 @@ def test_two_tasks_started_by_srun_end_equal_to_torchruns_two_ranks(data, refere
     assert rank_states(out) == rank_states(reference)
 
 
+@pytest.mark.slow
+def test_a_team_exchange_trains_exactly_as_each_rank_making_its_own_views(data, reference, tmp_path):
+    """--exchange: the 2 ranks (one team, R = 3) each make every copy of half of a step's samples and swap views by
+    all_to_all; each still trains on the micro batch it would have made, so the run ends bit for bit as the
+    reference did (same parameters, steps and losses)."""
+    out = tmp_path / "exchange"
+    train(data, out, *REFERENCE, "--exchange")
+    assert rank_states(out) == rank_states(reference)
+    assert [r["train_loss"] for r in metrics(out)] == [r["train_loss"] for r in metrics(reference)]
+
+
 def torchrun_nodes(*args: str, nodes: int = 2) -> None:
     """`args` as `nodes` torchrun "nodes" of one rank each on 127.0.0.1 (c10d rendezvous), as on a cluster."""
     port, run_id = str(20000 + os.getpid() % 20000), f"test-{time.monotonic_ns()}"
