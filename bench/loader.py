@@ -8,10 +8,12 @@ ours:   tar shards -> views rebuilt from the replay keys (timm's DeiT transform,
 theirs: torchvision ImageFolder + timm's create_transform with DeiT's arguments -> DataLoader -> timm's Mixup
         on each batch (DeiT's main.py), no teacher targets at all.
 
-Both make one 224 px view per image of the epoch (ours: N/3 images x 3 repeats). Ours runs twice: as the one
-rank of a world smaller than R = 3, whose batches hold the 3 copies of their samples (each decoded once for
-all three), and as rank 0 of a world of 3, whose batches hold one copy each (its epochs 0-2, so as many views
-as the others). Measured in turns for --rounds rounds, each the best of its turns (timeit's rule on a shared
+Both make one 224 px view per image of the epoch (ours: N/3 images x 3 repeats). Ours runs three times: as the
+one rank of a world smaller than R = 3, whose batches hold the 3 copies of their samples (each decoded once for
+all three); as rank 0 of a world of 3, whose batches hold one copy each (its epochs 0-2, so as many views as the
+others); and as that rank with train's --exchange, making every copy of its third of each step's samples (the
+all_to_all that then gives each rank its own batch runs in the train step, on the device: not timed here).
+Measured in turns for --rounds rounds, each the best of its turns (timeit's rule on a shared
 machine); prints images/s, images/s per worker and the ratios ours/theirs (goal >= 1.2).
 
 Steady state, as on ImageNet, whose epochs are thousands of batches: the clock starts once the first batch of
@@ -51,7 +53,7 @@ def prepare(tmp: Path, args) -> tuple[Path, str, str]:
     return folder, shards, store
 
 
-def ours(shards: str, store: str, args, world: int):
+def ours(shards: str, store: str, args, world: int, exchange: bool = False):
     from deit_pipe.data.recipe import ViewRecipe
     from deit_pipe.data.schedule import EpochPlan
     from deit_pipe.data.view_dataset import TrainViews
@@ -64,7 +66,8 @@ def ours(shards: str, store: str, args, world: int):
     maker = ViewMaker.for_store(ViewRecipe.from_dict(attrs["provenance"]["recipe"]), "train", attrs)
     views = TrainViews(shards, manifest, maker,
                        lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, world, args.batch), rank=0, seed=0,
-                       store_url=store, store_views=3, allow_view_reuse=False, workers=args.workers)
+                       store_url=store, store_views=3, allow_view_reuse=False, workers=args.workers,
+                       exchange=exchange)
     epochs = 1 if world < 3 else 3  # rank 0 of 3 makes a third of an epoch's views: walked in one pass, as train
     return lambda: ((batch.images, batch.label) for _, batch, _ in views.walk(0, 0, epochs))
 
@@ -116,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         folder, shards, store = prepare(Path(tmp), args)
         loaders = {"ours": ours(shards, store, args, 1), "ours/3": ours(shards, store, args, 3),
-                   "theirs": theirs(folder, args)}
+                   "ours/3x": ours(shards, store, args, 3, exchange=True), "theirs": theirs(folder, args)}
         speeds: dict[str, list[float]] = {name: [] for name in loaders}
         for r in range(args.rounds):
             for name in (list(loaders) if r % 2 == 0 else reversed(loaders)):
@@ -129,11 +132,14 @@ def main() -> None:
     print(f"{'loader':8}{'images/s':>10}{'per worker':>12}   per round")
     for name in loaders:
         print(f"{name:8}{best[name]:10.1f}{best[name] / cores:12.1f}   {' '.join(f'{s:.0f}' for s in speeds[name])}")
-    print("ours: a world smaller than R = 3 (the copies of a sample in one batch); ours/3: rank 0 of a world of 3")
+    print("ours: a world smaller than R = 3 (the copies of a sample in one batch); ours/3: rank 0 of a world of 3; "
+          "ours/3x: the same rank with train --exchange (it makes every copy of its third of each step's samples; "
+          "the all_to_all that delivers them is the train step's, not timed here)")
     print(f"ratio loader ours/theirs: {best['ours'] / best['theirs']:.3f} (goal >= 1.2); "
           f"ours {best['ours'] / cores:.1f} images/s per worker at {args.img_size} px")
-    print(f"ratio loader ours/3/theirs: {best['ours/3'] / best['theirs']:.3f} (goal >= 1.2); "
-          f"ours/3 {best['ours/3'] / cores:.1f} images/s per worker at {args.img_size} px")
+    for name in ("ours/3", "ours/3x"):
+        print(f"ratio loader {name}/theirs: {best[name] / best['theirs']:.3f} (goal >= 1.2); "
+              f"{name} {best[name] / cores:.1f} images/s per worker at {args.img_size} px")
 
 
 if __name__ == "__main__":
