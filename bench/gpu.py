@@ -7,8 +7,9 @@
 3. `train --zero 2 --precision bf16` DeiT-S images/s with cached targets / no distillation / the online teacher
    (bench/train.py's modes; goals cached/none >= 0.97 and cached/online >= 2.0), fed by the loader, and again on
    one batch in memory: the device's own rates, which show whether the loader was the limit;
-4. the train loader's images/s per worker at 224 with DeiT's recipe in steady state, and the workers one GPU
-   needs to stay fed (the device's own rate without distillation over that rate).
+4. the train loader's images/s per worker at 224 with DeiT's recipe in steady state, as rank 0 of 3 without and
+   with train's --exchange, and the workers one GPU needs to stay fed (the device's own rate without
+   distillation over that rate).
 
 Data: ImageNet-like JPEGs (bench/photos.py), 10 classes; teachers and students have seeded random weights (speed
 depends on the architecture, not on what was learned). `--smoke` runs everything tiny on whatever device is
@@ -89,15 +90,20 @@ def train(args, device: torch.device, tmp: Path, shards: str, store: str, weight
 
 
 def loader(args, shards: str, store: str, device_rate: float) -> list[tuple[str, str]]:
-    # As rank 0 of a world of 3 (a node's GPUs): one copy of a sample per rank, so no decode shared among copies.
+    # As rank 0 of a world of 3 (a node's GPUs): one copy of a sample per rank, so no decode shared among copies;
+    # then with train's --exchange, making every copy of its third of each step's samples (one decode a sample).
     # Steady state (bench/loader.py), at batch 32: its three epochs are one pass of 186 batches for 14 workers.
     bench_args = argparse.Namespace(batch=args.loader_batch, workers=args.workers)
-    views = loader_bench.ours(shards, store, bench_args, 3)
-    speed = max(loader_bench.images_per_s(views, args.workers) for _ in range(2))
-    per_worker = speed / max(args.workers, 1)
-    return [(f"loader at {args.img_size} px, {args.workers} workers, rank 0 of 3, batch {args.loader_batch}",
-             f"{speed:.0f} images/s in steady state, {per_worker:.0f} per worker: one GPU training without "
-             f"distillation at its own rate needs {device_rate / per_worker:.1f} workers")]
+    rows = []
+    for exchange in (False, True):
+        views = loader_bench.ours(shards, store, bench_args, 3, exchange=exchange)
+        speed = max(loader_bench.images_per_s(views, args.workers) for _ in range(2))
+        per_worker = speed / max(args.workers, 1)
+        rows.append((f"loader at {args.img_size} px, {args.workers} workers, rank 0 of 3"
+                     f"{' with --exchange' if exchange else ''}, batch {args.loader_batch}",
+                     f"{speed:.0f} images/s in steady state, {per_worker:.0f} per worker: one GPU training without "
+                     f"distillation at its own rate needs {device_rate / per_worker:.1f} workers"))
+    return rows
 
 
 def main() -> None:

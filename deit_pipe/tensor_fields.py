@@ -16,8 +16,8 @@ class TensorFields:
     def _map(self: T, fn: Callable[[torch.Tensor], torch.Tensor]) -> T:
         return type(self)(*(fn(getattr(self, f.name)) for f in fields(self)))
 
-    def to(self: T, device) -> T:
-        return self._map(lambda t: t.to(device))
+    def to(self: T, device, non_blocking: bool = False) -> T:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self: T) -> T:
         """What DataLoader(pin_memory=True) calls on a batch it does not know the shape of."""

@@ -290,7 +290,7 @@ def train(
     exchange: Annotated[bool, typer.Option(
         help="Each rank of a repeated-augmentation team makes every copy of its share of a step's samples (one "
         "decode a sample for the team, not one a copy) and the views reach their ranks by all_to_all: the same "
-        "batches, less loader work at R ranks or more.")] = False,
+        "batches, less loader work on more than one rank. Needs --batch-size >= --repeats.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps in total (with a checkpoint).")] = 0,
     nproc_per_node: Annotated[int, typer.Option(
         help="Start this many local ranks (via torchrun); leave 0 when launched by torchrun/deepspeed/srun.")] = 0,

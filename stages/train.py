@@ -136,6 +136,10 @@ def check_config(cfg: TrainConfig, world_size: int,
     manifest = ShardManifest.load(cfg.shards, "train")
     if cfg.repeats < 1:
         raise InputError(f"--repeats must be at least 1, not {cfg.repeats}")
+    if cfg.exchange and cfg.engine.micro_batch < cfg.repeats:
+        # A team's step then holds fewer samples than it has members: one would make nothing.
+        raise InputError(f"--exchange needs --batch-size {cfg.engine.micro_batch} of at least --repeats "
+                         f"{cfg.repeats} (each rank of a team makes every copy of at least one sample a step)")
     # The epochs of a group differ by at most R views; the smallest decides.
     plan = min((epoch_plan(cfg, manifest, world_size, e) for e in range(cfg.repeats)), key=lambda p: p.steps)
     if plan.steps == 0:
@@ -225,7 +229,8 @@ class StudentRun:
                                cfg.allow_view_reuse, self.workers, pin_memory=self.device.type == "cuda",
                                exchange=cfg.exchange)
         teams = epoch_plan(cfg, manifest, self.ctx.world_size, 0).teams
-        self.exchange = TeamExchange(teams, self.ctx.rank) if cfg.exchange else None
+        # Teams of one rank (a world of 1, R = 1) have nothing to exchange.
+        self.exchange = TeamExchange(teams, self.ctx.rank) if cfg.exchange and max(map(len, teams)) > 1 else None
         self.teacher = self._teacher(store)
         # What soft targets from the store cost: the mean KL to the teacher's own distribution at our tau.
         self.target_kl = (served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
@@ -289,9 +294,7 @@ class StudentRun:
         the team's members made for it."""
         if self.exchange is None:
             return made, stored
-        routes = self.data.plans(epoch).routes(self.ctx.rank, step)
-        return (self.exchange(made.to(self.device), routes),
-                None if stored is None else self.exchange(stored.to(self.device), routes))
+        return self.exchange.own(made, stored, self.data.plans(epoch).routes(self.ctx.rank, step), self.device)
 
     def train_step(self, batch: ViewBatch, stored: StoreEntry | None, epoch: int, step: int,
                    steps: int) -> torch.Tensor:

@@ -20,5 +20,6 @@ def test_the_gpu_check_runs_tiny_on_this_cpu(tmp_path):
     for row in ("| inference deit_small_patch16_224 |", "| teacher-logits regnetx_002 fp32 |",
                 "| train deit_tiny_distilled_patch16_224 ZeRO-2 fp32 |",
                 "| train deit_tiny_distilled_patch16_224 ZeRO-2 fp32, one batch in memory (the device's own rate, no "
-                "loader) |", "| loader at 64 px, 1 workers, rank 0 of 3, batch 4 |"):
+                "loader) |", "| loader at 64 px, 1 workers, rank 0 of 3, batch 4 |",
+                "| loader at 64 px, 1 workers, rank 0 of 3 with --exchange, batch 4 |"):
         assert row in table, table

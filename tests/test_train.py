@@ -197,6 +197,16 @@ def test_epochs_past_the_stored_views_are_refused(data, tmp_path, capsys):
     assert "need 9 views; the store has 6" in err and "--allow-view-reuse" in err
 
 
+def test_an_exchange_with_micro_batches_smaller_than_r_is_refused(data, tmp_path, capsys):
+    """With micro batches smaller than R a team's step can hold fewer samples than the team has ranks (2 ranks at
+    batch 1: 2 views, maybe copies of one sample), and a rank would make nothing: refused before any rank starts
+    (batch >= R always gives each rank a sample)."""
+    argv = ["train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *REFERENCE, "--batch-size", "2",
+            "--exchange", "--nproc-per-node", "2"]
+    err = one_line_error(capsys, argv)
+    assert "--exchange needs --batch-size 2 of at least --repeats 3" in err
+
+
 @pytest.mark.slow
 def test_refusal_under_the_launcher_is_one_line(data, tmp_path):
     proc = deit_pipe("train", data["shards"], "-o", str(tmp_path), "--logits", data["store"], *STUDENT,
