@@ -393,3 +393,46 @@ def test_close_ends_the_workers_of_a_pass_still_held(shards, manifest):
     assert len(workers) == 1
     views.close()
     assert not workers & set(multiprocessing.active_children()) and list(batches) == []
+
+
+def _exchange_rank(rank: int, world: int, port: int, shards: str, batch: int, accum: int) -> None:
+    """One rank of test_a_team_exchange_gives_every_rank_the_micro_batch_it_makes_alone (spawned)."""
+    import torch.distributed as dist
+
+    from deit_pipe.data.schedule import EpochPlan, rank_items
+    from deit_pipe.distributed.team_exchange import TeamExchange
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        manifest = ShardManifest.load(shards, "train")
+        plan = EpochPlan(manifest.num_samples, 1, 3, world, batch, accum)
+        exchange = TeamExchange(plan.teams, rank)
+        made = ViewDataset(shards, MAKER, rank_items(MAKER, manifest, plan, rank, 0, None, exchange=True))
+        alone = ViewDataset(shards, MAKER, rank_items(MAKER, manifest, plan, rank, 0, None))
+        assert plan.steps >= 2
+        for step in range(plan.steps):
+            got, stored = exchange.own(made[step][1], None, plan.routes(rank, step), torch.device("cpu"))
+            want = alone[step][1]
+            assert stored is None and len(got.idx) == batch
+            for name in ("idx", "v", "images", "label", "partner", "partner_label", "lam", "digest"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (rank, step, name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_team_exchange_gives_every_rank_the_micro_batch_it_makes_alone(shards):
+    """train --exchange without a model: 7 ranks joined by gloo, in RA teams of R = 3 (one of 4 ranks, one of 3),
+    at batch 3 and gradient accumulation 2, each make every copy of their share of a step's samples and swap them
+    by all_to_all; every rank then holds, field for field and bit for bit, the micro batch it makes alone in
+    every micro step."""
+    world, batch, accum = 7, 3, 2
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_exchange_rank, args=(world, port, shards, batch, accum), nprocs=world)
