@@ -105,6 +105,33 @@ def images_per_s(batches, fill: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def cpu_ms_per_view(loaders: dict) -> dict[str, float]:
+    """CPU milliseconds a view of each loader's pass, made in this process on one thread (`loaders` were built with
+    no workers), a batch of each in turn: a drift of the machine's speed then falls on all of them alike, and CPU
+    time leaves out what other tenants take. What a core spends on a view, whatever the wall clock does."""
+    threads, cpu, views = torch.get_num_threads(), dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, 0)
+    torch.set_num_threads(1)
+    try:
+        passes = {name: batches() for name, batches in loaders.items()}
+        while passes:
+            for name in list(passes):
+                start = time.process_time()
+                batch = next(passes[name], None)
+                cpu[name] += time.process_time() - start
+                if batch is None:
+                    del passes[name]
+                else:
+                    views[name] += len(batch[0])
+    finally:
+        torch.set_num_threads(threads)
+    return {name: 1e3 * cpu[name] / views[name] for name in loaders}
+
+
+def loaders_of(folder: Path, shards: str, store: str, args) -> dict:
+    return {"ours": ours(shards, store, args, 1), "ours/3": ours(shards, store, args, 3),
+            "ours/3x": ours(shards, store, args, 3, exchange=True), "theirs": theirs(folder, args)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1200)
@@ -118,12 +145,12 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         folder, shards, store = prepare(Path(tmp), args)
-        loaders = {"ours": ours(shards, store, args, 1), "ours/3": ours(shards, store, args, 3),
-                   "ours/3x": ours(shards, store, args, 3, exchange=True), "theirs": theirs(folder, args)}
+        loaders = loaders_of(folder, shards, store, args)
         speeds: dict[str, list[float]] = {name: [] for name in loaders}
         for r in range(args.rounds):
             for name in (list(loaders) if r % 2 == 0 else reversed(loaders)):
                 speeds[name].append(images_per_s(loaders[name], args.workers))
+        cpu = cpu_ms_per_view(loaders_of(folder, shards, store, argparse.Namespace(**{**vars(args), "workers": 0})))
     best = {name: max(s) for name, s in speeds.items()}
     cores = max(args.workers, 1)
     print(f"{args.images} JPEGs 500x375 q90 -> {args.img_size} px, DeiT's recipe, batch {args.batch}, "
@@ -140,6 +167,10 @@ def main() -> None:
     for name in ("ours/3", "ours/3x"):
         print(f"ratio loader {name}/theirs: {best[name] / best['theirs']:.3f} (goal >= 1.2); "
               f"{name} {best[name] / cores:.1f} images/s per worker at {args.img_size} px")
+    print("CPU ms a view, one process, one thread, the loaders' batches in turns: "
+          + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items()))
+    for name in ("ours", "ours/3", "ours/3x"):
+        print(f"ratio loader CPU {name}/theirs: {cpu['theirs'] / cpu[name]:.3f} (views a core makes, ours over theirs)")
 
 
 if __name__ == "__main__":
