@@ -92,7 +92,8 @@ def train(args, device: torch.device, tmp: Path, shards: str, store: str, weight
 def loader(args, shards: str, store: str, device_rate: float) -> list[tuple[str, str]]:
     # As rank 0 of a world of 3 (a node's GPUs): one copy of a sample per rank, so no decode shared among copies;
     # then with train's --exchange, making every copy of its third of each step's samples (one decode a sample).
-    # Steady state (bench/loader.py), at batch 32: its three epochs are one pass of 186 batches for 14 workers.
+    # Steady state (bench/loader.py), at batch 64 (DeiT's default): its three epochs are one pass of 93 batches for
+    # 14 workers.
     bench_args = argparse.Namespace(batch=args.loader_batch, workers=args.workers)
     rows = []
     for exchange in (False, True):
@@ -121,7 +122,7 @@ def main() -> None:
         # loaders filling): a turn's warmup of workers + 1 steps gets past the fill (46 steps an epoch of 6,000),
         # and 30,000 teacher views (5 appended) keep the stage's start-up to a few seconds of its time.
         workers = max(1, cores - 2)
-        sizes = dict(img_size=224, images=6000, infer_batch=None, iters=10, batch=128, loader_batch=32, views=5,
+        sizes = dict(img_size=224, images=6000, infer_batch=None, iters=10, batch=128, loader_batch=64, views=5,
                      workers=workers, rounds=3, warmup=workers + 1, steps=30, teacher="regnety_160",
                      student="deit_small_distilled_patch16_224")
     args = argparse.Namespace(**vars(args), **sizes)
