@@ -30,7 +30,7 @@ from deit_pipe.choices import Distillation, Precision, SoftReduction, check
 from deit_pipe.data.mixing import mixed_targets
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.data.rng import torch_seed
-from deit_pipe.data.schedule import EpochPlan, check_pairing, views_needed
+from deit_pipe.data.schedule import EpochPlan, check_pairing, teams, views_needed
 from deit_pipe.data.view_dataset import TrainViews
 from deit_pipe.data.views import ViewBatch, ViewMaker
 from deit_pipe.distributed import deepspeed_engine
@@ -228,9 +228,10 @@ class StudentRun:
                                cfg.store if store else None, store.num_views if store else None,
                                cfg.allow_view_reuse, self.workers, pin_memory=self.device.type == "cuda",
                                exchange=cfg.exchange)
-        teams = epoch_plan(cfg, manifest, self.ctx.world_size, 0).teams
+        ra_teams = teams(self.ctx.world_size, cfg.repeats)
         # Teams of one rank (a world of 1, R = 1) have nothing to exchange.
-        self.exchange = TeamExchange(teams, self.ctx.rank) if cfg.exchange and max(map(len, teams)) > 1 else None
+        self.exchange = (TeamExchange(ra_teams, self.ctx.rank) if cfg.exchange and max(map(len, ra_teams)) > 1
+                         else None)
         self.teacher = self._teacher(store)
         # What soft targets from the store cost: the mean KL to the teacher's own distribution at our tau.
         self.target_kl = (served_kl(store.attrs["code_error"], cfg.tau, cfg.max_target_kl)
