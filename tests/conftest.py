@@ -82,7 +82,8 @@ class S3RequestCounter:
     def __init__(self, upstream: str, fault=None):
         """`fault(method, path, n)` -> what becomes of the n-th request: an HTTP status to answer instead of
         forwarding it, "drop" (the connection closed without an answer), "lose" (forwarded, then the connection
-        closed: it took effect, its answer is lost), "delay" (forwarded PROXY_DELAY_S later), or None (forwarded)."""
+        closed: it took effect, its answer is lost), "delay" (forwarded PROXY_DELAY_S later), a float (forwarded that
+        many seconds later) or None (forwarded). `peak` holds the most requests of each method in flight at once."""
         import http.client
         import threading
         import time
@@ -92,6 +93,7 @@ class S3RequestCounter:
 
         target = urlsplit(upstream)
         counts, lock = Counter(), threading.Lock()
+        in_flight, peak = Counter(), Counter()
 
         class Forward(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -102,11 +104,20 @@ class S3RequestCounter:
                 with lock:
                     counts["all"] += 1
                     status = fault(self.command, self.path, counts["all"]) if fault else None
+                    in_flight[self.command] += 1
+                    peak[self.command] = max(peak[self.command], in_flight[self.command])
+                try:
+                    self._answer(body, status)
+                finally:
+                    with lock:
+                        in_flight[self.command] -= 1
+
+            def _answer(self, body, status):
                 if status == "drop":
                     self.close_connection = True  # the request was read: the client sees the socket close
                     return
-                if status == "delay":
-                    time.sleep(PROXY_DELAY_S)
+                if status == "delay" or isinstance(status, float):
+                    time.sleep(PROXY_DELAY_S if status == "delay" else status)
                 elif isinstance(status, int):
                     self.send_response(status)
                     code = _S3_ERROR_CODES.get(status, "InternalError")
@@ -142,7 +153,7 @@ class S3RequestCounter:
             def log_message(self, *args):
                 pass
 
-        self.counts, self._lock = counts, lock
+        self.counts, self.peak, self._lock = counts, peak, lock
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

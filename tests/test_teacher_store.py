@@ -84,6 +84,23 @@ def test_units_round_trip_and_count_only_once_committed(url):
     assert store.is_committed(1, 1)
 
 
+def test_a_units_seven_arrays_go_to_object_storage_at_once(s3_bucket, s3_proxy):
+    """On S3 a unit's chunk PUTs, then its chunk GETs, are all in flight together (the proxy holds each 0.3 s):
+    one after another, every unit a loader worker reads would cost 7 round trips instead of one."""
+    chunk = re.compile(r"/c/\d+/\d+")  # zarr v3's default chunk keys: <array>/c/<i>/<j>[/<l>]
+    proxy = s3_proxy(fault=lambda method, path, n: 0.3 if chunk.search(path) else None)
+    url = join(s3_bucket, "store")
+    store = create(url, manifest())
+    proxy.peak.clear()
+    store.write_unit(0, 0, record(4, seed=0))
+    assert proxy.peak["PUT"] == 7
+    reader = TeacherStore.open(url, "train")
+    reader.read_unit(0, 0)  # opens each array (metadata GETs, one by one) on first use
+    proxy.peak.clear()
+    assert reader.read_unit(0, 0).digest.tobytes() == record(4, seed=0).digest.tobytes()
+    assert proxy.peak["GET"] == 7
+
+
 def test_a_layout_cut_short_is_no_store_and_is_laid_out_again(tmp_path):
     url = str(tmp_path / "store")
     zarr.open_group(join(url, "train"), mode="w").create_array("logits", shape=(1,), dtype="f2")
