@@ -3,8 +3,9 @@
 
 Map-style so the order is the plan's whatever the number of workers (and a resumed run can start at
 any item); each worker keeps the last two shards and the last few store units it read (a training batch
-can hold the end of one shard and the start of the next, in R views), and plans walk one shard at a time,
-so a shard is read about once per worker.
+can hold the end of one shard and the start of the next, in R views), and plans walk one shard at a time.
+Training steps come with their shards' bytes, read once a rank (data.shard_feed); the other datasets' workers
+read their shards themselves.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from deit_pipe.data.schedule import EpochPlan, rank_items
+from deit_pipe.data.shard_feed import ShardFeed
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker, decode_rgb
 from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import StoreEntry
 from deit_pipe.storage.manifest import ShardManifest, shard_url
-from deit_pipe.storage.shards import ShardSample, read_shard
+from deit_pipe.storage.shards import ShardSample, decode_shard, read_shard
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
 
 
@@ -48,14 +50,19 @@ class RecentlyRead:
 
 
 class ShardReader:
-    """A shard's samples in stored order; the last two shards read are kept."""
+    """A shard's samples in stored order; the last two shards read are kept. A shard whose bytes were offered
+    (the step being made came with them) is parsed from those, any other is read from its URL."""
 
     def __init__(self, shards_root: str, split: str):
         self.shards_root, self.split = shards_root, split
         self._recent = RecentlyRead(2, self._read)
+        self.offered: dict[int, torch.Tensor] = {}
 
     def _read(self, shard: int) -> list[ShardSample]:
-        return list(read_shard(shard_url(self.shards_root, self.split, shard)))
+        url = shard_url(self.shards_root, self.split, shard)
+        if shard in self.offered:
+            return list(decode_shard(self.offered[shard].numpy().tobytes(), url))
+        return list(read_shard(url))
 
     def samples(self, shard: int) -> list[ShardSample]:
         return self._recent[shard]
@@ -170,18 +177,19 @@ class ItemDecodes:
 
 
 class EpochSteps(Sampler):
-    """The (epoch, step) items of one loader pass, set before each pass: one persistent loader, whose workers
-    keep their processes and caches, serves every epoch. A pass may run through several epochs, so that workers
-    make the next epoch's first batches while this one's last are trained on and evaluated."""
+    """The (epoch, step, its shards' bytes) items of one loader pass, set before each pass: one persistent loader,
+    whose workers keep their processes and caches, serves every epoch. A pass may run through several epochs, so
+    that workers make the next epoch's first batches while this one's last are trained on and evaluated."""
 
-    def __init__(self):
+    def __init__(self, feed: ShardFeed):
+        self.feed = feed
         self.spans: list[tuple[int, range]] = []
 
     def set(self, spans: list[tuple[int, range]]) -> None:
         self.spans = spans
 
     def __iter__(self):
-        return ((epoch, step) for epoch, steps in self.spans for step in steps)
+        return self.feed.steps(self.spans)
 
     def __len__(self) -> int:
         return sum(len(steps) for _, steps in self.spans)
@@ -193,11 +201,15 @@ class EpochViews(Dataset):
     def __init__(self, views: ViewDataset, plan_of: Callable[[int], list[list[ViewPiece]]]):
         self.views, self.plan_of, self.epoch = views, plan_of, None
 
-    def __getitem__(self, item: tuple[int, int]):
-        epoch, i = item
+    def __getitem__(self, item: tuple[int, int, dict[int, torch.Tensor]]):
+        epoch, i, shards = item
         if epoch != self.epoch:
             self.views.plan, self.epoch = self.plan_of(epoch), epoch
-        return self.views[i]
+        self.views.reader.offered = shards
+        try:
+            return self.views[i]
+        finally:
+            self.views.reader.offered = {}  # the shared memory goes once every holder lets go
 
 
 @dataclass
@@ -219,7 +231,7 @@ class TrainViews:
     exchange: bool = False  # make the views of the rank's share of its team's samples (EpochPlan.routes)
 
     def __post_init__(self):
-        self._steps = EpochSteps()
+        self._steps = EpochSteps(ShardFeed(self.shards, self.manifest.split, self.rank_plan))
         self._pass = None
         dataset = EpochViews(ViewDataset(self.shards, self.maker, [], self.store_url), self.rank_plan)
         # Persistent workers: started once per run, not once per epoch (and their shard caches survive).

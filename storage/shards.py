@@ -79,6 +79,12 @@ def _samples(tar_stream, url: str) -> Iterator[ShardSample]:
         yield _record(rec, url)
 
 
+def read_shard_bytes(url: str) -> bytes:
+    """A committed shard's bytes, in one read."""
+    with storage_errors("read", url), open_url(url, "rb") as f:
+        return f.read()
+
+
 def decode_shard(data: bytes, url: str = "<memory>") -> Iterator[ShardSample]:
     return _samples(io.BytesIO(data), url)
 

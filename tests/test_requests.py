@@ -46,3 +46,27 @@ def test_requests_per_stage_grow_with_shards_not_samples(tmp_path, s3_bucket, s3
     # A small constant per shard (teacher-logits: per shard and view, 7 arrays each), start-up included.
     bounds = {"shard": 20 * SHARDS, "teacher-logits": 25 * SHARDS * 3, "train epoch": 45 * SHARDS}
     assert all(sum(small[stage].values()) <= bound for stage, bound in bounds.items()), small
+
+
+@pytest.mark.slow
+def test_a_training_rank_reads_each_shard_once_whatever_its_loader_workers(tmp_path, s3_bucket, s3_proxy):
+    """The DataLoader deals consecutive steps of a shard to different workers: they get the shard's bytes with the
+    step, read once by the rank, so 2 workers GET each shard as often as none do (once), not once per worker."""
+    tars: list[str] = []
+    proxy = s3_proxy(fault=lambda method, path, n: tars.append(path) if method == "GET" and ".tar" in path else None)
+    weights = str(tmp_path / "teacher.safetensors")
+    torch.manual_seed(0)
+    export_safetensors(create_teacher("regnetx_002", 10, None)[0], weights)
+    shards, store = f"{s3_bucket}/shards", f"{s3_bucket}/store"
+    deit_pipe("fashion-mnist", str(tmp_path / "fm"), "--limit", str(SHARDS * 25), "--val-limit", "10")
+    deit_pipe("shard", str(tmp_path / "fm"), shards, "--samples-per-shard", "25", "--workers", "1")
+    deit_pipe(*tiny_teacher_logits(shards, store, weights))
+    reads = {}
+    for workers in ("0", "2"):
+        tars.clear()
+        argv = tiny_train_epoch(shards, str(tmp_path / f"run{workers}"), store)
+        argv[argv.index("--workers") + 1] = workers
+        deit_pipe(*argv)
+        reads[workers] = sorted(path for path in tars if "/train-" in path)
+    assert proxy.counts and reads["0"], "no shard was read through the proxy"
+    assert reads["2"] == reads["0"] and len(set(reads["0"])) == len(reads["0"]), reads

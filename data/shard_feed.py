@@ -1,0 +1,114 @@
+"""One read of each shard a rank: the loader's steps come with the bytes of the shards they need.
+
+A DataLoader deals its steps to the workers in turn, so the consecutive steps of one shard land on different
+workers: had each worker read its shards itself, a rank with W workers would fetch and parse each of them up to
+W times (W times the bytes and requests on object storage). Here a thread of the rank's main process reads each
+shard once, up to `ahead` shards before the steps that need it are asked for, into shared memory, and each
+step carries the shards its pieces read: a worker receives them by reference (torch shares the memory with the
+worker processes), not by copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from deit_pipe.data.view_plan import ViewPiece
+from deit_pipe.storage.manifest import shard_url
+from deit_pipe.storage.shards import read_shard_bytes
+
+Step = tuple[int, int, dict[int, torch.Tensor]]  # (epoch, step, {shard: its bytes in shared memory})
+
+
+def shared_bytes(data: bytes) -> torch.Tensor:
+    """`data` as a uint8 tensor in shared memory: pickled to a worker process, it travels as a handle."""
+    tensor = torch.empty(len(data), dtype=torch.uint8).share_memory_()
+    tensor.numpy()[:] = np.frombuffer(data, np.uint8)
+    return tensor
+
+
+class ShardFeed:
+    def __init__(self, shards_root: str, split: str, plan_of: Callable[[int], list[list[ViewPiece]]],
+                 ahead: int = 2):
+        self.shards_root, self.split, self.plan_of, self.ahead = shards_root, split, plan_of, ahead
+
+    def steps(self, spans: list[tuple[int, range]]) -> Iterator[Step]:
+        """(epoch, step, the shards it reads) for each step of `spans` ([(epoch, steps)]), in order. The shards are
+        read by a thread that runs ahead of this iterator by at most `ahead` shards beyond the steps it holds;
+        an error reading one is raised here, where the step that needs it is asked for."""
+        pending = _Pending(self.ahead)
+        thread = threading.Thread(target=self._read, args=(spans, pending), name="shard-feed", daemon=True)
+        thread.start()
+        try:
+            while (step := pending.take()) is not None:
+                yield step
+        finally:
+            pending.stop()
+            thread.join()
+
+    def _read(self, spans: list[tuple[int, range]], pending: _Pending) -> None:
+        recent: OrderedDict[int, torch.Tensor] = OrderedDict()  # a step can hold the end of one shard and the next
+        try:
+            for epoch, steps in spans:
+                plan = self.plan_of(epoch) if steps else []
+                for step in steps:
+                    shards = {}
+                    for shard in dict.fromkeys(piece.shard for piece in plan[step]):
+                        if shard not in recent:
+                            if not pending.wait_for_room():
+                                return
+                            recent[shard] = shared_bytes(read_shard_bytes(shard_url(self.shards_root, self.split,
+                                                                                       shard)))
+                            if len(recent) > 2:
+                                recent.popitem(last=False)
+                        shards[shard] = recent[shard]
+                    if not pending.put((epoch, step, shards)):
+                        return
+            pending.put(None)
+        except Exception as exc:  # raised again in the loader's thread, which turns it into one line
+            pending.put(exc)
+
+
+class _Pending:
+    """The steps read and not yet taken, and the room for more: at most `ahead` shards beyond theirs."""
+
+    def __init__(self, ahead: int):
+        self.ahead = ahead
+        self._steps: deque = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def _shards_held(self) -> int:
+        return len({shard for entry in self._steps if isinstance(entry, tuple) for shard in entry[2]})
+
+    def wait_for_room(self) -> bool:
+        """Whether another shard may be read now (waiting until it may); False once the consumer has stopped."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopped or self._shards_held() <= self.ahead)
+            return not self._stopped
+
+    def put(self, entry) -> bool:
+        """Hand `entry` over; False once the consumer has stopped."""
+        with self._cond:
+            self._steps.append(entry)
+            self._cond.notify_all()
+            return not self._stopped
+
+    def take(self) -> Step | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._steps)
+            entry = self._steps.popleft()
+            self._cond.notify_all()
+        if isinstance(entry, BaseException):
+            raise entry
+        return entry
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._steps.clear()
+            self._cond.notify_all()

@@ -1,0 +1,91 @@
+"""The shard feed (data/shard_feed.py): each step with the bytes of the shards its pieces read, in shared memory,
+each shard read once, at most `ahead` shards before the steps are asked for, a read's error raised at the step
+that needs it, and no reader thread left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deit_pipe.data import shard_feed
+from deit_pipe.data.shard_feed import ShardFeed
+from deit_pipe.data.view_plan import ViewPiece
+from deit_pipe.distributed.context import RankContext
+from deit_pipe.stages import shard as shard_stage
+from deit_pipe.storage.manifest import shard_url
+
+SPC = 12  # 16 shards of 12 and one of 8
+
+
+@pytest.fixture(scope="module")
+def shards(fmnist_folder, tmp_path_factory) -> str:
+    dest = tmp_path_factory.mktemp("feed") / "shards"
+    shard_stage.run(str(fmnist_folder), str(dest), shard_stage.ShardOptions(samples_per_shard=SPC), 1, RankContext())
+    return str(dest)
+
+
+def plan_of(epoch: int) -> list[list[ViewPiece]]:
+    """Epoch e: three steps a shard over shards 2e .. 2e + 2, the last step of each shard also in the next one."""
+    steps = []
+    for shard in range(2 * epoch, 2 * epoch + 3):
+        steps += [[ViewPiece(shard, 0, (0, 1))], [ViewPiece(shard, 0, (2,))],
+                  [ViewPiece(shard, 0, (3,)), ViewPiece(shard + 1, 1, (0,))]]
+    return steps
+
+
+def counting(monkeypatch) -> list[str]:
+    reads: list[str] = []
+    real = shard_feed.read_shard_bytes
+
+    def read(url: str) -> bytes:
+        reads.append(url)
+        return real(url)
+
+    monkeypatch.setattr(shard_feed, "read_shard_bytes", read)
+    return reads
+
+
+def test_every_step_comes_with_its_shards_bytes_each_shard_read_once(shards, monkeypatch):
+    reads = counting(monkeypatch)
+    got = list(ShardFeed(shards, "train", plan_of).steps([(0, range(1, 9)), (1, range(0, 2))]))
+    assert [(epoch, step) for epoch, step, _ in got] == [(0, s) for s in range(1, 9)] + [(1, 0), (1, 1)]
+    for epoch, step, blobs in got:
+        assert list(blobs) == list(dict.fromkeys(p.shard for p in plan_of(epoch)[step]))
+        for shard, blob in blobs.items():
+            assert blob.is_shared() and blob.numpy().tobytes() == Path(shard_url(shards, "train", shard)).read_bytes()
+    # Epoch 1 starts at shard 2, one of the last two read: kept, as a step's end of one shard and start of the next.
+    assert reads == [shard_url(shards, "train", s) for s in (0, 1, 2, 3)]
+
+
+def test_the_reader_runs_at_most_ahead_shards_before_the_steps_taken(shards, monkeypatch):
+    reads = counting(monkeypatch)
+    steps = ShardFeed(shards, "train", plan_of, ahead=1).steps([(e, range(9)) for e in range(4)])
+    next(steps)
+    time.sleep(0.5)  # room for the reader to run as far as it would
+    assert len(reads) <= 3  # the taken step's shard, one ahead, and the one next to its held steps' last
+    steps.close()
+
+
+def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader_stops(shards, tmp_path):
+    broken = tmp_path / "shards"
+    (broken / "train").mkdir(parents=True)
+    for s in (0, 1):
+        (broken / "train" / Path(shard_url(shards, "train", s)).name).write_bytes(
+            Path(shard_url(shards, "train", s)).read_bytes())
+    before = set(threading.enumerate())
+    steps = ShardFeed(str(broken), "train", plan_of).steps([(0, range(9))])
+    assert [step for _, step, _ in (next(steps) for _ in range(5))] == [0, 1, 2, 3, 4]
+    with pytest.raises(FileNotFoundError, match="train-000002"):
+        next(steps)  # step 5 also reads shard 2
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "shard-feed"]
+
+
+def test_a_consumer_that_stops_early_stops_the_reader(shards):
+    before = set(threading.enumerate())
+    steps = ShardFeed(shards, "train", plan_of).steps([(e, range(9)) for e in range(5)])
+    next(steps)
+    steps.close()
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "shard-feed"]
