@@ -1,11 +1,13 @@
 """One read of each shard a rank: the loader's steps come with the bytes of the shards they need.
 
 A DataLoader deals its steps to the workers in turn, so the consecutive steps of one shard land on different
-workers: had each worker read its shards itself, a rank with W workers would fetch and parse each of them up to
-W times (W times the bytes and requests on object storage). Here a thread of the rank's main process reads each
-shard once, up to `ahead` shards before the steps that need it are asked for, into shared memory, and each
-step carries the shards its pieces read: a worker receives them by reference (torch shares the memory with the
-worker processes), not by copy.
+workers: had each worker read its shards itself, a rank with W workers would fetch each of them up to W times
+(W times the bytes and requests on object storage). For shards on an object store, a thread of the rank's main
+process reads each shard once, up to `ahead` shards before the steps that need it are asked for, into shared
+memory, and each step carries the shards its pieces read: a worker receives them by reference (torch shares the
+memory with the worker processes), not by copy. Shards on a local disk are read by the workers themselves:
+the page cache already shares their bytes, and shared memory would cost more (a copy, and page faults in each
+process) than it saves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from deit_pipe.data.view_plan import ViewPiece
+from deit_pipe.storage.location import is_local
 from deit_pipe.storage.manifest import shard_url
 from deit_pipe.storage.shards import read_shard_bytes
 
@@ -33,13 +36,19 @@ def shared_bytes(data: bytes) -> torch.Tensor:
 
 class ShardFeed:
     def __init__(self, shards_root: str, split: str, plan_of: Callable[[int], list[list[ViewPiece]]],
-                 ahead: int = 2):
+                 ahead: int = 2, read_here: bool | None = None):
+        """`read_here`: read the shards in this process (default: when they are not on a local disk)."""
         self.shards_root, self.split, self.plan_of, self.ahead = shards_root, split, plan_of, ahead
+        self.read_here = not is_local(shards_root) if read_here is None else read_here
 
     def steps(self, spans: list[tuple[int, range]]) -> Iterator[Step]:
         """(epoch, step, the shards it reads) for each step of `spans` ([(epoch, steps)]), in order. The shards are
         read by a thread that runs ahead of this iterator by at most `ahead` shards beyond the steps it holds;
-        an error reading one is raised here, where the step that needs it is asked for."""
+        an error reading one is raised here, where the step that needs it is asked for. Without `read_here`, the
+        steps come with no shards."""
+        if not self.read_here:
+            yield from ((epoch, step, {}) for epoch, steps in spans for step in steps)
+            return
         pending = _Pending(self.ahead)
         thread = threading.Thread(target=self._read, args=(spans, pending), name="shard-feed", daemon=True)
         thread.start()

@@ -1,6 +1,7 @@
 """The shard feed (data/shard_feed.py): each step with the bytes of the shards its pieces read, in shared memory,
 each shard read once, at most `ahead` shards before the steps are asked for, a read's error raised at the step
-that needs it, and no reader thread left behind."""
+that needs it, and no reader thread left behind; local shards left to the workers. The shards here are local, so
+the tests ask for the reading the feed does for an object store (the S3 case: tests/test_requests.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def counting(monkeypatch) -> list[str]:
 
 def test_every_step_comes_with_its_shards_bytes_each_shard_read_once(shards, monkeypatch):
     reads = counting(monkeypatch)
-    got = list(ShardFeed(shards, "train", plan_of).steps([(0, range(1, 9)), (1, range(0, 2))]))
+    got = list(ShardFeed(shards, "train", plan_of, read_here=True).steps([(0, range(1, 9)), (1, range(0, 2))]))
     assert [(epoch, step) for epoch, step, _ in got] == [(0, s) for s in range(1, 9)] + [(1, 0), (1, 1)]
     for epoch, step, blobs in got:
         assert list(blobs) == list(dict.fromkeys(p.shard for p in plan_of(epoch)[step]))
@@ -60,9 +61,16 @@ def test_every_step_comes_with_its_shards_bytes_each_shard_read_once(shards, mon
     assert reads == [shard_url(shards, "train", s) for s in (0, 1, 2, 3)]
 
 
+def test_shards_on_a_local_disk_are_left_to_the_workers(shards, monkeypatch):
+    """The page cache shares a local shard's bytes among the workers already."""
+    reads = counting(monkeypatch)
+    got = list(ShardFeed(shards, "train", plan_of).steps([(0, range(2, 5))]))
+    assert got == [(0, 2, {}), (0, 3, {}), (0, 4, {})] and reads == []
+
+
 def test_the_reader_runs_at_most_ahead_shards_before_the_steps_taken(shards, monkeypatch):
     reads = counting(monkeypatch)
-    steps = ShardFeed(shards, "train", plan_of, ahead=1).steps([(e, range(9)) for e in range(4)])
+    steps = ShardFeed(shards, "train", plan_of, ahead=1, read_here=True).steps([(e, range(9)) for e in range(4)])
     next(steps)
     time.sleep(0.5)  # room for the reader to run as far as it would
     assert len(reads) <= 3  # the taken step's shard, one ahead, and the one next to its held steps' last
@@ -76,7 +84,7 @@ def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader
         (broken / "train" / Path(shard_url(shards, "train", s)).name).write_bytes(
             Path(shard_url(shards, "train", s)).read_bytes())
     before = set(threading.enumerate())
-    steps = ShardFeed(str(broken), "train", plan_of).steps([(0, range(9))])
+    steps = ShardFeed(str(broken), "train", plan_of, read_here=True).steps([(0, range(9))])
     assert [step for _, step, _ in (next(steps) for _ in range(5))] == [0, 1, 2, 3, 4]
     with pytest.raises(FileNotFoundError, match="train-000002"):
         next(steps)  # step 5 also reads shard 2
@@ -85,7 +93,7 @@ def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader
 
 def test_a_consumer_that_stops_early_stops_the_reader(shards):
     before = set(threading.enumerate())
-    steps = ShardFeed(shards, "train", plan_of).steps([(e, range(9)) for e in range(5)])
+    steps = ShardFeed(shards, "train", plan_of, read_here=True).steps([(e, range(9)) for e in range(5)])
     next(steps)
     steps.close()
     assert not [t for t in set(threading.enumerate()) - before if t.name == "shard-feed"]

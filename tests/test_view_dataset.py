@@ -8,6 +8,7 @@ returns is checked against that function. Real Fashion-MNIST images in shards of
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import re
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import PILToTensor
 
 from deit_pipe.data import view_dataset
@@ -314,11 +315,24 @@ def test_a_pinned_loader_pins_every_tensor_of_views_and_store_rows(shards, manif
     assert torch.equal(batch.images, item[1].images) and torch.equal(stored.codes, item[2].codes)
 
 
-def test_one_persistent_loader_serves_every_epoch_with_the_plans_items(shards, manifest):
+@pytest.mark.parametrize("fed", [False, True], ids=["workers-read", "fed"])
+def test_one_persistent_loader_serves_every_epoch_with_the_plans_items(shards, manifest, fed, monkeypatch):
     """TrainViews keeps one loader whose worker processes live across epochs (and resumes): each pass yields
-    exactly the items of that epoch's plan from the step asked for, as a fresh dataset computes them."""
+    exactly the items of that epoch's plan from the step asked for, as a fresh dataset computes them; also when
+    the shards come with the steps, read by the rank (as from an object store: data.shard_feed)."""
     from deit_pipe.data.schedule import EpochPlan, rank_items
+    from deit_pipe.data.shard_feed import ShardFeed
     from deit_pipe.data.view_dataset import TrainViews
+
+    if fed:
+        monkeypatch.setattr(view_dataset, "ShardFeed", functools.partial(ShardFeed, read_here=True))
+        real = view_dataset.read_shard
+
+        def main_process_only(url):
+            assert get_worker_info() is None, f"a worker read {url} itself"
+            return real(url)
+
+        monkeypatch.setattr(view_dataset, "read_shard", main_process_only)
 
     def plans(epoch):
         return EpochPlan(manifest.num_samples, epoch, 3, 1, 16)
