@@ -25,11 +25,12 @@ from deit_pipe.storage.manifest import shard_url
 from deit_pipe.storage.shards import read_shard_bytes
 
 Step = tuple[int, int, dict[int, torch.Tensor]]  # (epoch, step, {shard: its bytes in shared memory})
+KEPT = 2  # shards the reader keeps at hand: a step can hold the end of one shard and the start of the next
 
 
 def shared_bytes(data: bytes) -> torch.Tensor:
     """`data` as a uint8 tensor in shared memory: pickled to a worker process, it travels as a handle."""
-    tensor = torch.empty(len(data), dtype=torch.uint8).share_memory_()
+    tensor = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(len(data)), 0, (len(data),))
     tensor.numpy()[:] = np.frombuffer(data, np.uint8)
     return tensor
 
@@ -43,9 +44,12 @@ class ShardFeed:
 
     def steps(self, spans: list[tuple[int, range]]) -> Iterator[Step]:
         """(epoch, step, the shards it reads) for each step of `spans` ([(epoch, steps)]), in order. The shards are
-        read by a thread that runs ahead of this iterator by at most `ahead` shards beyond the steps it holds;
-        an error reading one is raised here, where the step that needs it is asked for. Without `read_here`, the
-        steps come with no shards."""
+        read by a thread that reads a shard only while the steps it has made and this iterator not yet given hold
+        at most `ahead` shards; an error reading one is raised here, where the step that needs it is asked for.
+        Without `read_here`, the steps come with no shards.
+
+        Closing the iterator (or dropping it) stops the thread at its next step; a read under way ends first, on
+        the thread alone, which nothing waits for (a daemon)."""
         if not self.read_here:
             yield from ((epoch, step, {}) for epoch, steps in spans for step in steps)
             return
@@ -57,10 +61,9 @@ class ShardFeed:
                 yield step
         finally:
             pending.stop()
-            thread.join()
 
     def _read(self, spans: list[tuple[int, range]], pending: _Pending) -> None:
-        recent: OrderedDict[int, torch.Tensor] = OrderedDict()  # a step can hold the end of one shard and the next
+        recent: OrderedDict[int, torch.Tensor] = OrderedDict()
         try:
             for epoch, steps in spans:
                 plan = self.plan_of(epoch) if steps else []
@@ -72,18 +75,19 @@ class ShardFeed:
                                 return
                             recent[shard] = shared_bytes(read_shard_bytes(shard_url(self.shards_root, self.split,
                                                                                        shard)))
-                            if len(recent) > 2:
+                            if len(recent) > KEPT:
                                 recent.popitem(last=False)
                         shards[shard] = recent[shard]
                     if not pending.put((epoch, step, shards)):
                         return
             pending.put(None)
-        except Exception as exc:  # raised again in the loader's thread, which turns it into one line
+        except BaseException as exc:  # raised again in the loader's thread, which turns it into one line
             pending.put(exc)
 
 
 class _Pending:
-    """The steps read and not yet taken, and the room for more: at most `ahead` shards beyond theirs."""
+    """The steps read and not yet taken, and whether the reader may read another shard: while they hold at most
+    `ahead` shards."""
 
     def __init__(self, ahead: int):
         self.ahead = ahead

@@ -4,8 +4,8 @@
 Map-style so the order is the plan's whatever the number of workers (and a resumed run can start at
 any item); each worker keeps the last two shards and the last few store units it read (a training batch
 can hold the end of one shard and the start of the next, in R views), and plans walk one shard at a time.
-Training steps come with their shards' bytes, read once a rank (data.shard_feed); the other datasets' workers
-read their shards themselves.
+Training steps on an object store come with their shards' bytes, read once a rank (data.shard_feed); otherwise
+workers read their shards themselves.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from deit_pipe.storage.location import open_url, put_atomic, storage_errors
+from deit_pipe.errors import InputError
+from deit_pipe.storage.location import open_url, put_atomic, read_bytes, storage_errors
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 _OWNER = ("deit-pipe", "deit-pipe")  # uname, gname of every member
@@ -80,9 +81,11 @@ def _samples(tar_stream, url: str) -> Iterator[ShardSample]:
 
 
 def read_shard_bytes(url: str) -> bytes:
-    """A committed shard's bytes, in one read."""
-    with storage_errors("read", url), open_url(url, "rb") as f:
-        return f.read()
+    """A committed shard's bytes, in one request."""
+    try:
+        return read_bytes(url)
+    except FileNotFoundError:
+        raise InputError(f"read {url}: the manifest lists this shard, but it is not there") from None
 
 
 def decode_shard(data: bytes, url: str = "<memory>") -> Iterator[ShardSample]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,8 +241,8 @@ class TeacherStore:
         """Write one whole chunk per array, then the commit marker (a unit without it is redone)."""
         rows = self._rows(shard)
         with storage_errors("write", f"{self.url} (shard {shard}, view {v})"):
-            _together(self._array(name).async_array.setitem((rows, v), getattr(record, name))
-                      for name in _arrays(self.attrs))
+            arrays = {name: self._array(name) for name in _arrays(self.attrs)}
+            _at_once([array.async_array.setitem((rows, v), getattr(record, name)) for name, array in arrays.items()])
         self.commits.commit(_unit_name(shard, v))
 
     def read_unit(self, shard: int, v: int) -> ViewRecord:
@@ -250,8 +250,8 @@ class TeacherStore:
             raise InputError(f"teacher store {self.url}: shard {shard} view {v} is not committed")
         rows = self._rows(shard)
         with storage_errors("read", f"{self.url} (shard {shard}, view {v})"):
-            names = list(_arrays(self.attrs))
-            arrays = dict(zip(names, _together(self._array(name).async_array.getitem((rows, v)) for name in names),
+            arrays = {name: self._array(name) for name in _arrays(self.attrs)}
+            arrays = dict(zip(arrays, _at_once([array.async_array.getitem((rows, v)) for array in arrays.values()]),
                               strict=True))
         arrays.setdefault("code", np.zeros((rows.stop - rows.start, 0), np.int8))
         return ViewRecord(**arrays)
@@ -272,15 +272,19 @@ class TeacherStore:
                         raise
 
 
-def _together(calls: Iterable[Awaitable]) -> list:
-    """The results of a unit's array calls, run at once on zarr's own event loop (where its stores live): on object
-    storage a unit's 6-7 chunk GETs or PUTs then overlap rather than queue, and locally one round trip to the loop
-    serves them all."""
-    calls = list(calls)  # made here: opening an array on first use is itself a sync call, not allowed in the loop
-
+def _at_once(calls: list[Awaitable]) -> list:
+    """The results of a unit's array calls (the arrays opened before: an open is itself a sync call), run at once
+    on zarr's own event loop, where its stores live: on object storage a unit's 6-7 chunk GETs or PUTs then
+    overlap rather than queue, and locally one round trip to the loop serves them all. Every call ends before
+    the first error is raised: none is left running or unawaited."""
     async def gathered():
-        return await asyncio.gather(*calls)
-    return sync(gathered())
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = sync(gathered())
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def _unit_name(shard: int, v: int) -> str:

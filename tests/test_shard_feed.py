@@ -15,6 +15,7 @@ from deit_pipe.data import shard_feed
 from deit_pipe.data.shard_feed import ShardFeed
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.distributed.context import RankContext
+from deit_pipe.errors import InputError
 from deit_pipe.stages import shard as shard_stage
 from deit_pipe.storage.manifest import shard_url
 
@@ -68,13 +69,35 @@ def test_shards_on_a_local_disk_are_left_to_the_workers(shards, monkeypatch):
     assert got == [(0, 2, {}), (0, 3, {}), (0, 4, {})] and reads == []
 
 
-def test_the_reader_runs_at_most_ahead_shards_before_the_steps_taken(shards, monkeypatch):
+def settled(reads: list[str]) -> list[str]:
+    """`reads` once they have not grown for 0.3 s: the reader waits."""
+    seen, deadline = None, time.monotonic() + 10
+    while seen != reads and time.monotonic() < deadline:
+        seen = list(reads)
+        time.sleep(0.3)
+    return reads
+
+
+def test_the_reader_reads_a_shard_only_while_the_steps_not_taken_hold_at_most_ahead(shards, monkeypatch):
     reads = counting(monkeypatch)
     steps = ShardFeed(shards, "train", plan_of, ahead=1, read_here=True).steps([(e, range(9)) for e in range(4)])
     next(steps)
-    time.sleep(0.5)  # room for the reader to run as far as it would
-    assert len(reads) <= 3  # the taken step's shard, one ahead, and the one next to its held steps' last
+    # Steps 1-4 hold shards 0 and 1: step 5 (shards 1 and 2) waits until step 2, the last with shard 0, is taken.
+    assert settled(reads) == [shard_url(shards, "train", s) for s in (0, 1)]
+    next(steps)
+    assert settled(reads) == [shard_url(shards, "train", s) for s in (0, 1)]
+    next(steps)
+    assert settled(reads) == [shard_url(shards, "train", s) for s in (0, 1, 2)]
     steps.close()
+    assert no_reader_left()
+
+
+def no_reader_left() -> bool:
+    """Whether every feed's reader thread has ended (within 10 s: a stopped reader ends at its next step)."""
+    deadline = time.monotonic() + 10
+    while any(t.name == "shard-feed" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(t.name == "shard-feed" for t in threading.enumerate())
 
 
 def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader_stops(shards, tmp_path):
@@ -83,17 +106,45 @@ def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader
     for s in (0, 1):
         (broken / "train" / Path(shard_url(shards, "train", s)).name).write_bytes(
             Path(shard_url(shards, "train", s)).read_bytes())
-    before = set(threading.enumerate())
     steps = ShardFeed(str(broken), "train", plan_of, read_here=True).steps([(0, range(9))])
     assert [step for _, step, _ in (next(steps) for _ in range(5))] == [0, 1, 2, 3, 4]
-    with pytest.raises(FileNotFoundError, match="train-000002"):
+    with pytest.raises(InputError, match="train-000002.tar: the manifest lists this shard, but it is not there"):
         next(steps)  # step 5 also reads shard 2
-    assert not [t for t in set(threading.enumerate()) - before if t.name == "shard-feed"]
+    assert no_reader_left()
 
 
 def test_a_consumer_that_stops_early_stops_the_reader(shards):
-    before = set(threading.enumerate())
     steps = ShardFeed(shards, "train", plan_of, read_here=True).steps([(e, range(9)) for e in range(5)])
     next(steps)
     steps.close()
-    assert not [t for t in set(threading.enumerate()) - before if t.name == "shard-feed"]
+    assert no_reader_left()
+
+
+def test_a_train_loader_closed_or_started_again_mid_pass_leaves_no_reader(shards, monkeypatch):
+    """A persistent loader's pass given up for another (a resume, --max-steps) and TrainViews.close() mid-pass
+    both end the pass's reader."""
+    import functools
+
+    from deit_pipe.data import view_dataset
+    from deit_pipe.data.recipe import ViewRecipe
+    from deit_pipe.data.schedule import EpochPlan
+    from deit_pipe.data.view_dataset import TrainViews
+    from deit_pipe.data.views import ViewMaker
+    from deit_pipe.storage.manifest import ShardManifest
+
+    monkeypatch.setattr(view_dataset, "ShardFeed", functools.partial(ShardFeed, read_here=True))
+    manifest = ShardManifest.load(shards, "train")
+    views = TrainViews(shards, manifest, ViewMaker(ViewRecipe(img_size=32), "train"),
+                       lambda epoch: EpochPlan(manifest.num_samples, epoch, 3, 1, 8), rank=0, seed=0, store_url=None,
+                       store_views=None, allow_view_reuse=False, workers=1)
+    try:
+        next(views.walk(0, 0, 1))
+        second = views.walk(1, 0, 2)  # the persistent loader's next pass: the first one's sampler is dropped
+        next(second)
+        deadline = time.monotonic() + 10
+        while sum(t.name == "shard-feed" for t in threading.enumerate()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(t.name == "shard-feed" for t in threading.enumerate()) == 1  # the second pass's only
+    finally:
+        views.close()
+    assert no_reader_left()
