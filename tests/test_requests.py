@@ -23,18 +23,30 @@ def stage_requests(tmp_path, bucket: str, counter, per_shard: int, weights: str)
     counts["shard"] = counter.take()
     deit_pipe(*tiny_teacher_logits(shards, store, weights))
     counts["teacher-logits"] = counter.take()
-    deit_pipe(*tiny_train_epoch(shards, str(tmp_path / f"run{per_shard}"), store))
+    deit_pipe(*train_epoch(shards, str(tmp_path / f"run{per_shard}"), store, workers=0))
     counts["train epoch"] = counter.take()
     return counts
 
 
+def train_epoch(shards: str, output: str, store: str, workers: int) -> list[str]:
+    argv = tiny_train_epoch(shards, output, store)
+    argv[argv.index("--workers") + 1] = str(workers)
+    return argv
+
+
 @pytest.mark.slow
-def test_requests_per_stage_grow_with_shards_not_samples(tmp_path, s3_bucket, s3_requests):
+def test_requests_per_stage_grow_with_shards_not_samples(tmp_path, s3_bucket, s3_proxy):
+    """Each stage's requests grow with the shards, not with the samples in them; and a training rank GETs each
+    shard once, however many loader workers it has: the DataLoader deals a shard's consecutive steps to different
+    workers, which get the shard's bytes with the step (data.shard_feed)."""
+    shard_gets: list[str] = []
+    counter = s3_proxy(fault=lambda method, path, n: shard_gets.append(path) if method == "GET" and "/train-" in path
+                       else None)
     torch.manual_seed(0)
     weights = str(tmp_path / "teacher.safetensors")
     export_safetensors(create_teacher("regnetx_002", 10, None)[0], weights)
-    small = stage_requests(tmp_path, s3_bucket, s3_requests, 25, weights)
-    large = stage_requests(tmp_path, s3_bucket, s3_requests, 100, weights)
+    small = stage_requests(tmp_path, s3_bucket, counter, 25, weights)
+    large = stage_requests(tmp_path, s3_bucket, counter, 100, weights)
     print(f"\nS3 requests over {SHARDS} shards, 3 views (25 and 100 samples per shard):")
     for stage in small:
         print(f"  {stage:15} {sum(small[stage].values()):5} {sum(large[stage].values()):5}  {small[stage]}")
@@ -47,26 +59,10 @@ def test_requests_per_stage_grow_with_shards_not_samples(tmp_path, s3_bucket, s3
     bounds = {"shard": 20 * SHARDS, "teacher-logits": 25 * SHARDS * 3, "train epoch": 45 * SHARDS}
     assert all(sum(small[stage].values()) <= bound for stage, bound in bounds.items()), small
 
-
-@pytest.mark.slow
-def test_a_training_rank_reads_each_shard_once_whatever_its_loader_workers(tmp_path, s3_bucket, s3_proxy):
-    """The DataLoader deals consecutive steps of a shard to different workers: they get the shard's bytes with the
-    step, read once by the rank, so 2 workers GET each shard as often as none do (once), not once per worker."""
-    tars: list[str] = []
-    proxy = s3_proxy(fault=lambda method, path, n: tars.append(path) if method == "GET" and ".tar" in path else None)
-    weights = str(tmp_path / "teacher.safetensors")
-    torch.manual_seed(0)
-    export_safetensors(create_teacher("regnetx_002", 10, None)[0], weights)
-    shards, store = f"{s3_bucket}/shards", f"{s3_bucket}/store"
-    deit_pipe("fashion-mnist", str(tmp_path / "fm"), "--limit", str(SHARDS * 25), "--val-limit", "10")
-    deit_pipe("shard", str(tmp_path / "fm"), shards, "--samples-per-shard", "25", "--workers", "1")
-    deit_pipe(*tiny_teacher_logits(shards, store, weights))
     reads = {}
-    for workers in ("0", "2"):
-        tars.clear()
-        argv = tiny_train_epoch(shards, str(tmp_path / f"run{workers}"), store)
-        argv[argv.index("--workers") + 1] = workers
-        deit_pipe(*argv)
-        reads[workers] = sorted(path for path in tars if "/train-" in path)
-    assert proxy.counts and reads["0"], "no shard was read through the proxy"
-    assert reads["2"] == reads["0"] and len(set(reads["0"])) == len(reads["0"]), reads
+    for workers in (0, 2):
+        shard_gets.clear()
+        deit_pipe(*train_epoch(f"{s3_bucket}/shards25", str(tmp_path / f"workers{workers}"), f"{s3_bucket}/store25",
+                               workers))
+        reads[workers] = sorted(path for path in shard_gets if path.endswith(".tar"))
+    assert reads[0] and reads[2] == reads[0] and len(set(reads[0])) == len(reads[0]), reads
