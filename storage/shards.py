@@ -13,6 +13,7 @@ import io
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from deit_pipe.errors import InputError
@@ -80,12 +81,19 @@ def _samples(tar_stream, url: str) -> Iterator[ShardSample]:
         yield _record(rec, url)
 
 
-def read_shard_bytes(url: str) -> bytes:
-    """A committed shard's bytes, in one request."""
+@contextmanager
+def _listed(url: str):
+    """A shard the manifest lists that is not there: the input's fault, in one line, whoever reads it."""
     try:
-        return read_bytes(url)
+        yield
     except FileNotFoundError:
         raise InputError(f"read {url}: the manifest lists this shard, but it is not there") from None
+
+
+def read_shard_bytes(url: str) -> bytes:
+    """A committed shard's bytes, in one request."""
+    with _listed(url):
+        return read_bytes(url)
 
 
 def decode_shard(data: bytes, url: str = "<memory>") -> Iterator[ShardSample]:
@@ -94,5 +102,5 @@ def decode_shard(data: bytes, url: str = "<memory>") -> Iterator[ShardSample]:
 
 def read_shard(url: str) -> Iterator[ShardSample]:
     """Stream a committed shard's samples in stored (idx) order."""
-    with storage_errors("read", url), open_url(url, "rb") as f:
+    with _listed(url), storage_errors("read", url), open_url(url, "rb") as f:
         yield from _samples(f, url)

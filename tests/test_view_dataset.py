@@ -122,6 +122,12 @@ def test_shard_reader_returns_a_shard_in_idx_order_and_keeps_the_last_two(shards
     assert reads == [shard_url(shards, "train", s) for s in (0, 1, 6, 1)]
 
 
+def test_a_shard_the_manifest_lists_that_is_gone_is_one_line_for_a_worker_too(tmp_path):
+    """The workers' own reads (local shards, eval, teacher-logits) say so as the rank's shard feed does."""
+    with pytest.raises(InputError, match="train-000003.tar: the manifest lists this shard, but it is not there"):
+        ShardReader(str(tmp_path), "train").samples(3)
+
+
 # ------------------------------------------------------------------------------ training items
 
 
