@@ -250,8 +250,8 @@ class TeacherStore:
             raise InputError(f"teacher store {self.url}: shard {shard} view {v} is not committed")
         rows = self._rows(shard)
         with storage_errors("read", f"{self.url} (shard {shard}, view {v})"):
-            arrays = {name: self._array(name) for name in _arrays(self.attrs)}
-            arrays = dict(zip(arrays, _at_once([array.async_array.getitem((rows, v)) for array in arrays.values()]),
+            opened = {name: self._array(name) for name in _arrays(self.attrs)}
+            arrays = dict(zip(opened, _at_once([array.async_array.getitem((rows, v)) for array in opened.values()]),
                               strict=True))
         arrays.setdefault("code", np.zeros((rows.stop - rows.start, 0), np.int8))
         return ViewRecord(**arrays)
