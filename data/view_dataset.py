@@ -29,7 +29,7 @@ from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
 from deit_pipe.loss.teacher_targets import StoreEntry
 from deit_pipe.storage.manifest import ShardManifest, shard_url
-from deit_pipe.storage.shards import ShardSample, decode_shard, read_shard
+from deit_pipe.storage.shards import ShardSample, read_shard, shard_samples
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord
 
 
@@ -51,7 +51,8 @@ class RecentlyRead:
 
 class ShardReader:
     """A shard's samples in stored order; the last two shards read are kept. A shard whose bytes were offered
-    (the step being made came with them) is parsed from those, any other is read from its URL."""
+    (the step being made came with them) is indexed where they lie, in shared memory, any other is read from its
+    URL (a local one mapped). Either way its images stay where they are until a view decodes one."""
 
     def __init__(self, shards_root: str, split: str):
         self.shards_root, self.split = shards_root, split
@@ -61,8 +62,8 @@ class ShardReader:
     def _read(self, shard: int) -> list[ShardSample]:
         url = shard_url(self.shards_root, self.split, shard)
         if shard in self.offered:
-            return list(decode_shard(self.offered[shard].numpy().tobytes(), url))
-        return list(read_shard(url))
+            return shard_samples(self.offered[shard].numpy(), url)
+        return read_shard(url)
 
     def samples(self, shard: int) -> list[ShardSample]:
         return self._recent[shard]
@@ -209,7 +210,7 @@ class EpochViews(Dataset):
         try:
             return self.views[i]
         finally:
-            self.views.reader.offered = {}  # the shared memory goes once every holder lets go
+            self.views.reader.offered = {}  # a shard's shared memory goes once no step nor reader's cache holds it
 
 
 @dataclass

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
 
-import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
@@ -88,6 +88,19 @@ def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
     with storage_errors("read", url):
         return fs.cat_file(path)
+
+
+def map_bytes(url: str) -> memoryview:
+    """A file's bytes: on a local disk mapped into memory (pages are read as they are touched, and processes that
+    map one file share them through the page cache), anywhere else read in one request."""
+    fs, path = resolve(url)
+    with storage_errors("read", url):
+        if not _on_local_disk(fs):
+            return memoryview(fs.cat_file(path))
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return memoryview(b"")  # mmap refuses an empty file
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
 def list_files(url: str) -> dict[str, int]:
@@ -240,6 +253,3 @@ def wait_for(urls: Iterable[str], what: str, timeout: float = 24 * 3600.0, poll:
 
     wait_until(missing, what, timeout, poll)
 
-
-def open_url(url: str, mode: str = "rb"):
-    return fsspec.open(url, mode)

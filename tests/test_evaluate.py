@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,22 @@ def test_weights_for_another_class_count_are_refused(data, tmp_path, capsys, kin
     err = one_line_error(capsys, ["eval", data["shards"], str(weights), *args])
     classes = "5 classes (head)" if kind == "export" else "1000 classes (head.fc)"
     assert err == f"deit-pipe: error: weights {weights} have {classes}, the data set has 10"
+
+
+def test_a_damaged_shard_is_one_line_from_a_loader_worker(data, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(data["shards"], shards)
+    damaged = shards / "val" / "val-000001.tar"
+    tar = bytearray(damaged.read_bytes())
+    tar[1024 + 3] ^= 1  # a bit of the second member's name
+    damaged.write_bytes(tar)
+    # In a process of its own: the error comes after the run's process group is up.
+    proc = subprocess.run([sys.executable, "-m", "deit_pipe.pipeline.cli", "eval", str(shards),
+                           str(data["run"] / "student.safetensors"), "--workers", "1", "-o",
+                           str(tmp_path / "eval.json")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"deit-pipe: error: read {damaged}: the tar header at byte 1024 is damaged (shard it again)")
 
 
 def test_another_img_size_resamples_the_position_grid_and_is_recorded(data, tmp_path):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from deit_pipe.errors import InputError
 from deit_pipe.stages import shard as stage
 from deit_pipe.storage.location import join, read_bytes
 from deit_pipe.storage.manifest import ShardManifest, shard_url
-from deit_pipe.storage.shards import ShardSample, encode_shard, read_shard, safe_key
+from deit_pipe.storage.shards import ShardSample, encode_shard, read_shard, safe_key, shard_samples
 
 OPTIONS = stage.ShardOptions(samples_per_shard=4, seed=3)
 SINGLE = RankContext()  # explicit, so a RANK in the test environment cannot leak in
@@ -149,6 +151,95 @@ def test_shard_bytes_are_webdataset_tarwriters(key_chars):
         for x in samples:
             tar.write({"__key__": x.key, x.ext: x.image, "cls": str(x.label).encode(), "idx": str(x.idx).encode()})
     assert encode_shard(samples) == buf.getvalue()
+
+
+def _tar(samples: list[ShardSample], tar_format: str) -> bytes:
+    """The samples' members in a tar: ours (encode_shard), or tarfile's USTAR (a long name split into the prefix
+    field) or GNU (a long name in a record of its own) format."""
+    if tar_format == "ours":
+        return encode_shard(samples)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format={"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT}[
+            tar_format]) as tar:
+        for x in samples:
+            for ext, data in ((x.ext, x.image), ("cls", str(x.label).encode()), ("idx", str(x.idx).encode())):
+                member = tarfile.TarInfo(f"{x.key}.{ext}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _as_webdataset_reads(data: bytes) -> list[tuple]:
+    """(key, idx, label, image, ext) of each sample as webdataset's own tar stream and grouping read it."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    records = group_by_keys(tar_file_expander([{"url": "shard", "stream": io.BytesIO(data)}]))
+    return [(r["__key__"], int(r["idx"]), int(r["cls"]), *next((r[e], e) for e in ("jpg", "png", "webp") if e in r))
+            for r in records]
+
+
+def _some_samples(key_chars: int, n: int = 9) -> list[ShardSample]:
+    rng = np.random.default_rng(key_chars)
+    return [ShardSample(key=f"c{i}/" + "d" * (key_chars - 70) + "/" + "k" * 60 if key_chars > 100 else f"c{i}/k{i}",
+                        idx=i * 31, label=i % 4, image=rng.bytes(int(rng.integers(0, 2000))),
+                        ext=("png", "jpg", "webp")[i % 3]) for i in range(n)]
+
+
+@pytest.mark.parametrize("tar_format", ["ours", "ustar", "gnu"])
+@pytest.mark.parametrize("key_chars", [8, 150])  # ours writes a 150-character name in a PAX record
+def test_a_shard_reads_as_webdataset_reads_it_each_image_a_view_into_its_bytes(tar_format, key_chars):
+    data = _tar(_some_samples(key_chars), tar_format)
+    samples = shard_samples(data)
+    assert [(x.key, x.idx, x.label, bytes(x.image), x.ext) for x in samples] == _as_webdataset_reads(data)
+    assert all(x.image.obj is data for x in samples)  # nothing copied
+
+
+def test_a_local_shard_is_mapped_not_read(tmp_path):
+    """Its pages are read as a view touches them, and shared with every process that maps the file."""
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(encode_shard(_some_samples(8)))
+    samples = read_shard(str(path))
+    assert [x.idx for x in samples] == [i * 31 for i in range(9)]
+    assert all(isinstance(x.image.obj, mmap.mmap) for x in samples)
+
+
+def _damaged(data: bytes, how: str) -> bytes:
+    data = bytearray(data)
+    if how == "header":
+        data[512 * 2 + 3] ^= 1  # a bit of the second member's name
+    elif how == "size":
+        data[512 * 2 + 130] = ord("x")  # the second member's size is no number
+    elif how == "zeroed header":
+        data[512 * 2 : 512 * 3] = bytes(512)  # a reader that stops there loses the samples after it
+    elif how == "cut":
+        data = data[: len(data) // 2]
+    elif how == "not a tar":
+        data = bytearray(np.random.default_rng(0).bytes(len(data)))
+    return bytes(data)
+
+
+# What each damage reads as: in a shard this stage wrote, and in a GNU tar with long names (read by tarfile).
+DAMAGE_SAYS = {
+    "header": ("the tar header at byte 1024 is damaged (shard it again)", "not a readable tar shard (bad checksum)"),
+    "size": ("the tar header at byte 1024 is damaged (shard it again)", "not a readable tar shard (bad checksum)"),
+    "zeroed header": ("the shard's members end at byte 1024, before its data does (damaged: shard it again)",
+                      "not a readable tar shard (end of file header)"),
+    "cut": ("the shard is cut short at byte", "the shard is cut short at byte"),
+    "not a tar": ("the tar header at byte 0 is damaged (shard it again)",) * 2,
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE_SAYS)
+@pytest.mark.parametrize("tar_format", ["ours", "gnu"])
+def test_a_damaged_shard_is_one_line_not_fewer_samples(tmp_path, how, tar_format):
+    """Every sample is there or the read fails, in one line that says what: tarfile (and webdataset's stream over
+    it) ends a shard at its first bad header without a word."""
+    path = tmp_path / "train-000001.tar"
+    path.write_bytes(_damaged(_tar(_some_samples(8 if tar_format == "ours" else 150), tar_format), how))
+    with pytest.raises(InputError) as error:
+        read_shard(str(path))
+    says = DAMAGE_SAYS[how][tar_format == "gnu"]
+    assert str(error.value).startswith(f"read {path}: {says}") and "\n" not in str(error.value)
 
 
 def test_the_shard_stage_does_not_load_torch():
