@@ -73,7 +73,7 @@ def write_shard(url: str, name: str, samples: list[ShardSample]) -> ShardInfo:
 def _record(rec: dict, url: str) -> ShardSample:
     ext = next((e for e in IMAGE_EXTS if e in rec), None)
     if ext is None or "cls" not in rec or "idx" not in rec:
-        raise InputError(f"{url}: sample {rec['__key__']} lacks an image, cls or idx member")
+        raise InputError(f"read {url}: sample {rec['__key__']} lacks an image, cls or idx member")
     return ShardSample(key=rec["__key__"], idx=int(bytes(rec["idx"])), label=int(bytes(rec["cls"])), image=rec[ext],
                        ext=ext)
 

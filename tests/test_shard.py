@@ -242,6 +242,20 @@ def test_a_damaged_shard_is_one_line_not_fewer_samples(tmp_path, how, tar_format
     assert str(error.value).startswith(f"read {path}: {says}") and "\n" not in str(error.value)
 
 
+def test_a_sample_that_lacks_its_class_is_one_line(tmp_path):
+    samples = _some_samples(8, n=2)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((f"{samples[0].key}.png", samples[0].image), (f"{samples[0].key}.idx", b"0")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(InputError, match=f"^read {path}: sample {samples[0].key} lacks an image, cls or idx member$"):
+        read_shard(str(path))
+
+
 def test_the_shard_stage_does_not_load_torch():
     """torch costs about a second to import, in the command and again in its worker pool; sharding needs none."""
     code = "import sys, deit_pipe.pipeline.cli, deit_pipe.stages.shard; print('torch' in sys.modules)"
