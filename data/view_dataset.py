@@ -52,18 +52,24 @@ class RecentlyRead:
 class ShardReader:
     """A shard's samples in stored order; the last two shards read are kept. A shard whose bytes were offered
     (the step being made came with them) is indexed where they lie, in shared memory, any other is read from its
-    URL (a local one mapped). Either way its images stay where they are until a view decodes one."""
+    URL (a local one mapped). Either way its images stay where they are until a view decodes one.
 
-    def __init__(self, shards_root: str, split: str):
-        self.shards_root, self.split = shards_root, split
+    A shard must hold the ids the manifest gives it: a tar that ends early yet well formed (its tail zeroed from a
+    header on) or another shard set's would otherwise pass for it, its partners and positions astray."""
+
+    def __init__(self, shards_root: str, manifest: ShardManifest):
+        self.shards_root, self.manifest = shards_root, manifest
         self._recent = RecentlyRead(2, self._read)
         self.offered: dict[int, torch.Tensor] = {}
 
     def _read(self, shard: int) -> list[ShardSample]:
-        url = shard_url(self.shards_root, self.split, shard)
-        if shard in self.offered:
-            return shard_samples(self.offered[shard].numpy(), url)
-        return read_shard(url)
+        url = shard_url(self.shards_root, self.manifest.split, shard)
+        samples = shard_samples(self.offered[shard].numpy(), url) if shard in self.offered else read_shard(url)
+        ids = self.manifest.shard_range(shard)
+        if [x.idx for x in samples] != list(ids):
+            raise InputError(f"read {url}: {len(samples)} samples, not the {len(ids)} of ids {ids.start}-"
+                             f"{ids.stop - 1} the manifest lists (damaged, or another shard set's: shard it again)")
+        return samples
 
     def samples(self, shard: int) -> list[ShardSample]:
         return self._recent[shard]
@@ -73,7 +79,7 @@ class ViewDataset(Dataset):
     """Item i: the mixed views of plan[i]'s pieces; with a store, joined with its rows by (idx, v)."""
 
     def __init__(self, shards_root: str, maker: ViewMaker, plan: list[list[ViewPiece]], store_url: str | None = None):
-        self.reader = ShardReader(shards_root, maker.split)
+        self.reader = ShardReader(shards_root, ShardManifest.load(shards_root, maker.split))
         self.maker = maker
         self.plan = plan
         self.store_url = store_url
@@ -286,7 +292,7 @@ class EvalDataset(Dataset):
 
     def __init__(self, shards_root: str, manifest: ShardManifest, shards: list[int], transform, batch: int,
                  length: int = 0):
-        self.reader = ShardReader(shards_root, manifest.split)
+        self.reader = ShardReader(shards_root, manifest)
         self.transform = transform
         self.items = _slices(manifest, shards, batch)
         self.padding = _slices(manifest, [0], batch)[0]

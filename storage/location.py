@@ -92,15 +92,17 @@ def read_bytes(url: str) -> bytes:
 
 def map_bytes(url: str) -> memoryview:
     """A file's bytes: on a local disk mapped into memory (pages are read as they are touched, and processes that
-    map one file share them through the page cache), anywhere else read in one request."""
+    map one file share them through the page cache), anywhere else read in one request. For committed files only:
+    one cut short in place while mapped would kill its reader (SIGBUS), where put_atomic replaces a file whole."""
     fs, path = resolve(url)
     with storage_errors("read", url):
         if not _on_local_disk(fs):
             return memoryview(fs.cat_file(path))
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return memoryview(b"")  # mmap refuses an empty file
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            try:
+                return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            except (ValueError, OSError):  # an empty file; a filesystem that maps nothing (some FUSE mounts)
+                return memoryview(f.read())
 
 
 def list_files(url: str) -> dict[str, int]:

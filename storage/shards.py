@@ -74,8 +74,11 @@ def _record(rec: dict, url: str) -> ShardSample:
     ext = next((e for e in IMAGE_EXTS if e in rec), None)
     if ext is None or "cls" not in rec or "idx" not in rec:
         raise InputError(f"read {url}: sample {rec['__key__']} lacks an image, cls or idx member")
-    return ShardSample(key=rec["__key__"], idx=int(bytes(rec["idx"])), label=int(bytes(rec["cls"])), image=rec[ext],
-                       ext=ext)
+    try:
+        idx, label = int(bytes(rec["idx"])), int(bytes(rec["cls"]))
+    except ValueError:
+        raise InputError(f"read {url}: sample {rec['__key__']}'s idx or cls member is not a number") from None
+    return ShardSample(key=rec["__key__"], idx=idx, label=label, image=rec[ext], ext=ext)
 
 
 _BLOCK = 512
@@ -88,12 +91,10 @@ def _plain_members(data: memoryview, url: str) -> list[tuple[str, memoryview]] |
 
     A loader worker indexes every shard it has a step of, and a rank's steps of one shard go to as many workers as
     the shard has steps: tarfile's headers cost 20 us each (60 ms a 1,000-sample shard, in each such worker), these
-    3, and webdataset's stream copies every member's bytes too (200 ms). Headers are checked as tarfile checks
+    3 us, and webdataset's stream copies every member's bytes too (200 ms). Headers are checked as tarfile checks
     them (their checksums, all at once at the end); the bytes stay where they are."""
-    heads, members, pos, end = [], [], 0, len(data)
-    while (head := data[pos : pos + _BLOCK]) != _END:
-        if len(head) < _BLOCK:
-            raise InputError(f"read {url}: the shard is cut short at byte {end} (damaged: shard it again)")
+    heads, members, pos = [], [], 0
+    while len(head := data[pos : pos + _BLOCK]) == _BLOCK and head != _END:
         try:
             # Anything but a regular file named in the name field alone (PAX or GNU records, links, a name split
             # into the prefix field, a size in base-256) is read by tarfile.
@@ -105,7 +106,7 @@ def _plain_members(data: memoryview, url: str) -> list[tuple[str, memoryview]] |
             _check_sums(data, [*heads, pos], url)  # a damaged header is not tarfile's to read (it would stop there)
             return None
         heads.append(pos)
-        members.append((bytes(head[:100]).rstrip(b"\0").decode("utf-8", "surrogateescape"),
+        members.append((bytes(head[:100]).split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
                         data[pos + _BLOCK : pos + _BLOCK + size]))
         pos += _BLOCK + -(-size // _BLOCK) * _BLOCK
     _check_sums(data, heads, url)
@@ -114,17 +115,18 @@ def _plain_members(data: memoryview, url: str) -> list[tuple[str, memoryview]] |
 
 
 def _check_sums(data: memoryview, heads: list[int], url: str) -> None:
-    """tarfile's checksum, of the headers at `heads` at once: a header's bytes summed, its checksum field's read as
-    8 spaces."""
+    """tarfile's checksum, of the headers at `heads` at once: a header's bytes summed as unsigned or as signed
+    bytes (old tars), its checksum field's read as 8 spaces."""
     end = len(data) - len(data) % _BLOCK
     blocks = np.frombuffer(data, np.uint8, count=end).reshape(-1, _BLOCK)[np.asarray(heads, np.int64) // _BLOCK]
-    sums = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 0x20
-    for head, total in zip(heads, sums.tolist(), strict=True):
+    sums = [(b.sum(1, dtype=np.int64) - b[:, 148:156].sum(1, dtype=np.int64) + 8 * 0x20).tolist()
+            for b in (blocks, blocks.view(np.int8))]
+    for head, unsigned, signed in zip(heads, *sums, strict=True):
         try:
             stored = int(bytes(data[head + 148 : head + 156]).rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             stored = -1
-        if stored != total:
+        if stored not in (unsigned, signed):
             raise InputError(f"read {url}: the tar header at byte {head} is damaged (shard it again)")
 
 
@@ -153,13 +155,13 @@ def shard_samples(data, url: str = "<memory>") -> list[ShardSample]:
     no view asks for costs its headers' reading only. Members are grouped into samples by webdataset's rule."""
     from webdataset.tariterators import group_by_keys  # imports torch: readers only
 
-    data = memoryview(data).cast("B")
+    data = memoryview(data).cast("B").toreadonly()  # workers share a fed shard's memory: none may write it
     members = _plain_members(data, url)
     members = _tar_members(data, url) if members is None else members
     try:
         return [_record(rec, url) for rec in group_by_keys({"fname": name, "data": body, "__url__": url}
                                                            for name, body in members)]
-    except ValueError as exc:  # webdataset's: a member name twice in a sample
+    except ValueError as exc:  # webdataset's grouping: a member name twice in a sample
         raise InputError(f"read {url}: {exc}") from None
 
 

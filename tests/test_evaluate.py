@@ -40,12 +40,16 @@ RUN = [*TINY_DEIT, "--distillation", "none", "--img-size", "32", "--repeats", "1
 PHOTO = Path(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")  # 512 x 600, a real photo
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     """`deit-pipe ARGS` in a subprocess (a run's ranks and process group stay out of the test process)."""
-    cmd = [sys.executable, "-m", "deit_pipe.pipeline.cli", *args]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return subprocess.run([sys.executable, "-m", "deit_pipe.pipeline.cli", *args],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`run_cli`, which must succeed."""
+    proc = run_cli(*args)
+    assert proc.returncode == 0, f"deit-pipe {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -126,10 +130,8 @@ def test_a_damaged_shard_is_one_line_from_a_loader_worker(data, tmp_path):
     tar[1024 + 3] ^= 1  # a bit of the second member's name
     damaged.write_bytes(tar)
     # In a process of its own: the error comes after the run's process group is up.
-    proc = subprocess.run([sys.executable, "-m", "deit_pipe.pipeline.cli", "eval", str(shards),
-                           str(data["run"] / "student.safetensors"), "--workers", "1", "-o",
-                           str(tmp_path / "eval.json")],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = run_cli("eval", str(shards), str(data["run"] / "student.safetensors"), "--workers", "1", "-o",
+                   str(tmp_path / "eval.json"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"deit-pipe: error: read {damaged}: the tar header at byte 1024 is damaged (shard it again)")
 

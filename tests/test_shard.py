@@ -179,10 +179,12 @@ def _as_webdataset_reads(data: bytes) -> list[tuple]:
 
 
 def _some_samples(key_chars: int, n: int = 9) -> list[ShardSample]:
+    """Images of 0, 512 and 1024 bytes (no padding after them) among sizes that are not whole blocks."""
     rng = np.random.default_rng(key_chars)
+    sizes = [512, 0, 1024, *rng.integers(1, 2000, size=n)]
     return [ShardSample(key=f"c{i}/" + "d" * (key_chars - 70) + "/" + "k" * 60 if key_chars > 100 else f"c{i}/k{i}",
-                        idx=i * 31, label=i % 4, image=rng.bytes(int(rng.integers(0, 2000))),
-                        ext=("png", "jpg", "webp")[i % 3]) for i in range(n)]
+                        idx=i * 31, label=i % 4, image=rng.bytes(int(sizes[i])), ext=("png", "jpg", "webp")[i % 3])
+            for i in range(n)]
 
 
 @pytest.mark.parametrize("tar_format", ["ours", "ustar", "gnu"])
@@ -209,6 +211,8 @@ def _damaged(data: bytes, how: str) -> bytes:
         data[512 * 2 + 3] ^= 1  # a bit of the second member's name
     elif how == "size":
         data[512 * 2 + 130] = ord("x")  # the second member's size is no number
+    elif how == "size past the end":
+        data[512 * 2 + 124 : 512 * 2 + 136] = b"77777777777\0"
     elif how == "zeroed header":
         data[512 * 2 : 512 * 3] = bytes(512)  # a reader that stops there loses the samples after it
     elif how == "cut":
@@ -222,9 +226,11 @@ def _damaged(data: bytes, how: str) -> bytes:
 DAMAGE_SAYS = {
     "header": ("the tar header at byte 1024 is damaged (shard it again)", "not a readable tar shard (bad checksum)"),
     "size": ("the tar header at byte 1024 is damaged (shard it again)", "not a readable tar shard (bad checksum)"),
+    "size past the end": ("the tar header at byte 1024 is damaged (shard it again)",
+                          "not a readable tar shard (bad checksum)"),
     "zeroed header": ("the shard's members end at byte 1024, before its data does (damaged: shard it again)",
                       "not a readable tar shard (end of file header)"),
-    "cut": ("the shard is cut short at byte", "the shard is cut short at byte"),
+    "cut": ("the shard is cut short at byte", "not a readable tar shard (empty header)"),
     "not a tar": ("the tar header at byte 0 is damaged (shard it again)",) * 2,
 }
 
@@ -242,18 +248,22 @@ def test_a_damaged_shard_is_one_line_not_fewer_samples(tmp_path, how, tar_format
     assert str(error.value).startswith(f"read {path}: {says}") and "\n" not in str(error.value)
 
 
-def test_a_sample_that_lacks_its_class_is_one_line(tmp_path):
-    samples = _some_samples(8, n=2)
+@pytest.mark.parametrize(("members", "says"), [
+    ({"png": b"image", "idx": b"0"}, "sample c0/k0 lacks an image, cls or idx member"),
+    ({"cls": b"3", "idx": b"zero", "png": b"image"}, "sample c0/k0's idx or cls member is not a number"),
+])
+def test_a_sample_without_its_class_or_a_number_for_it_is_one_line(tmp_path, members, says):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in ((f"{samples[0].key}.png", samples[0].image), (f"{samples[0].key}.idx", b"0")):
-            member = tarfile.TarInfo(name)
+        for ext, data in members.items():
+            member = tarfile.TarInfo(f"c0/k0.{ext}")
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     path = tmp_path / "train-000000.tar"
     path.write_bytes(buf.getvalue())
-    with pytest.raises(InputError, match=f"^read {path}: sample {samples[0].key} lacks an image, cls or idx member$"):
+    with pytest.raises(InputError) as error:
         read_shard(str(path))
+    assert str(error.value) == f"read {path}: {says}"
 
 
 def test_the_shard_stage_does_not_load_torch():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torchvision.transforms import PILToTensor
 from deit_pipe.data import view_dataset
 from deit_pipe.data import views as views_module
 from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.shard_feed import shared_bytes
 from deit_pipe.data.view_dataset import EvalDataset, ItemDecodes, RecentlyRead, ShardReader, ViewDataset
 from deit_pipe.data.view_plan import ViewPiece
 from deit_pipe.data.views import ViewBatch, ViewMaker
@@ -31,7 +33,7 @@ from deit_pipe.distributed.context import RankContext
 from deit_pipe.errors import InputError
 from deit_pipe.stages import shard as shard_stage
 from deit_pipe.storage.manifest import ShardManifest, shard_url
-from deit_pipe.storage.shards import read_shard
+from deit_pipe.storage.shards import encode_shard, read_shard
 from deit_pipe.storage.teacher_store import TeacherStore, ViewRecord, store_binding
 
 SPC = 12  # train: 16 shards of 12 and one of 8; val: 4 of 12 and one of 2
@@ -116,16 +118,52 @@ def test_shard_reader_returns_a_shard_in_idx_order_and_keeps_the_last_two(shards
         return read_shard(url)
 
     monkeypatch.setattr(view_dataset, "read_shard", counting)
-    reader = ShardReader(shards, "train")
+    reader = ShardReader(shards, manifest)
     for s in (0, 1, 0, 6, 0, 1):
         assert [x.idx for x in reader.samples(s)] == list(manifest.shard_range(s))
     assert reads == [shard_url(shards, "train", s) for s in (0, 1, 6, 1)]
 
 
-def test_a_shard_the_manifest_lists_that_is_gone_is_one_line_for_a_worker_too(tmp_path):
+def shard_copy(shards: str, tmp_path: Path) -> tuple[Path, ShardManifest]:
+    """A copy of the shard set to damage, and its manifest."""
+    copy = Path(shutil.copytree(shards, tmp_path / "shards"))
+    return copy / "train", ShardManifest.load(str(copy), "train")
+
+
+def test_a_shard_the_manifest_lists_that_is_gone_is_one_line_for_a_worker_too(shards, tmp_path):
     """The workers' own reads (local shards, eval, teacher-logits) say so as the rank's shard feed does."""
+    split, manifest = shard_copy(shards, tmp_path)
+    (split / "train-000003.tar").unlink()
     with pytest.raises(InputError, match="train-000003.tar: the manifest lists this shard, but it is not there"):
-        ShardReader(str(tmp_path), "train").samples(3)
+        ShardReader(str(split.parent), manifest).samples(3)
+
+
+def test_an_offered_shard_is_read_where_it_lies_and_not_written(shards):
+    """The bytes the rank's feed put in shared memory, which every worker of the rank sees: no copy, no writes."""
+    manifest = ShardManifest.load(shards, "train")
+    offered = shared_bytes(Path(shard_url(shards, "train", 1)).read_bytes())
+    reader = ShardReader(shards, manifest)
+    reader.offered = {1: offered}
+    samples = reader.samples(1)
+    assert [x.idx for x in samples] == list(manifest.shard_range(1))
+    assert all(np.shares_memory(np.frombuffer(x.image, np.uint8), offered.numpy()) for x in samples)
+    assert all(x.image.readonly for x in samples)
+
+
+@pytest.mark.parametrize("swap", ["ends early", "another shard"])
+def test_a_well_formed_shard_without_the_manifests_ids_is_one_line(shards, tmp_path, swap):
+    """A tar that ends early yet well formed (its tail zeroed from a header on reads so) or another shard's bytes
+    in its place: a reader that took it would walk other partners and positions."""
+    split, manifest = shard_copy(shards, tmp_path)
+    shard = split / "train-000002.tar"
+    shard.write_bytes(encode_shard(samples_of(shards, 2)[:-2]) if swap == "ends early"
+                      else (split / "train-000001.tar").read_bytes())
+    ids = manifest.shard_range(2)
+    count = len(ids) - 2 if swap == "ends early" else len(manifest.shard_range(1))
+    with pytest.raises(InputError) as error:
+        ShardReader(str(split.parent), manifest).samples(2)
+    assert str(error.value) == (f"read {shard}: {count} samples, not the {len(ids)} of ids {ids.start}-{ids.stop - 1} "
+                                f"the manifest lists (damaged, or another shard set's: shard it again)")
 
 
 # ------------------------------------------------------------------------------ training items
