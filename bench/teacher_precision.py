@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     maker = ViewMaker(ViewRecipe(img_size=32), "train")
     units = [(s, v) for v in range(3) for s in range(manifest.num_shards)]
     # Unit by unit: view 0 of every shard first (unit_items would put a shard's views 0-2 side by side).
-    dataset = ViewDataset(shards, maker, [item for u in units for item in unit_items(maker, manifest, [u], 250)])
+    dataset = ViewDataset(shards, manifest, maker,
+                          [item for u in units for item in unit_items(maker, manifest, [u], 250)])
     batches, count = [], 0
     for i in range(len(dataset)):
         batches.append(dataset[i][1].images)

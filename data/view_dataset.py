@@ -78,8 +78,9 @@ class ShardReader:
 class ViewDataset(Dataset):
     """Item i: the mixed views of plan[i]'s pieces; with a store, joined with its rows by (idx, v)."""
 
-    def __init__(self, shards_root: str, maker: ViewMaker, plan: list[list[ViewPiece]], store_url: str | None = None):
-        self.reader = ShardReader(shards_root, ShardManifest.load(shards_root, maker.split))
+    def __init__(self, shards_root: str, manifest: ShardManifest, maker: ViewMaker, plan: list[list[ViewPiece]],
+                 store_url: str | None = None):
+        self.reader = ShardReader(shards_root, manifest)
         self.maker = maker
         self.plan = plan
         self.store_url = store_url
@@ -240,7 +241,7 @@ class TrainViews:
     def __post_init__(self):
         self._steps = EpochSteps(ShardFeed(self.shards, self.manifest.split, self.rank_plan))
         self._pass = None
-        dataset = EpochViews(ViewDataset(self.shards, self.maker, [], self.store_url), self.rank_plan)
+        dataset = EpochViews(ViewDataset(self.shards, self.manifest, self.maker, [], self.store_url), self.rank_plan)
         # Persistent workers: started once per run, not once per epoch (and their shard caches survive).
         self._loader = DataLoader(dataset, batch_size=None, sampler=self._steps, num_workers=self.workers,
                                   prefetch_factor=4 if self.workers else None, pin_memory=self.pin_memory,

@@ -87,7 +87,8 @@ def fit_code(model, device, teacher: TeacherSpec, spec: CodeSpec, k: int, maker:
     held = spec.held_out(manifest.num_samples)
     pool = len(held)
     units = [(s, 0) for s in range(manifest.shard_of(pool - 1) + 1)]
-    loader = DataLoader(ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size)), batch_size=None,
+    loader = DataLoader(ViewDataset(shards, manifest, maker, unit_items(maker, manifest, units, batch_size)),
+                        batch_size=None,
                         num_workers=workers)
     with torch.inference_mode():
         logits = torch.cat([teacher_logits(model, batch.images, device, teacher.precision)
@@ -202,7 +203,7 @@ def _fill_store(shards: str, store_url: str, manifest: ShardManifest, teacher: T
     units = [(s, v) for s in ctx.my_units(list(range(manifest.num_shards))) for v in range(views) if (s, v) not in done]
     # The teacher's batches (pieces) stay inside a unit, so the store's bytes do not depend on how ranks or resumes
     # split the units, nor on which units share an item.
-    dataset = ViewDataset(shards, maker, unit_items(maker, manifest, units, batch_size))
+    dataset = ViewDataset(shards, manifest, maker, unit_items(maker, manifest, units, batch_size))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
 
     pending: dict[tuple[int, int], UnitBuffer] = {}

@@ -67,8 +67,8 @@ def run(shards: str, store_url: str, teacher_weights: str | None, split: str = "
     chosen = [committed[i] for i in sorted(permutation(len(committed), "verify-store")[:units])]
     maker = ViewMaker.for_store(recipe, split, store.attrs)
     # The first batch of each chosen unit is enough to see drift.
-    dataset = ViewDataset(shards, maker, [unit_items(maker, manifest, [u], max_views_per_unit, max_items=1)[0]
-                                          for u in chosen])
+    dataset = ViewDataset(shards, manifest, maker,
+                          [unit_items(maker, manifest, [u], max_views_per_unit, max_items=1)[0] for u in chosen])
 
     code = LogitCode.of_store(store)
     digests_ok = views = top1_ok = 0

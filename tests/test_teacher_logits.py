@@ -435,8 +435,9 @@ def test_store_on_s3(shards, weights, reference, s3_bucket, capsys):
 
     # The student's loader joins the shards with the store on S3 by (idx, v).
     maker = ViewMaker(ViewRecipe(img_size=IMG), "train")
-    plan = unit_items(maker, ShardManifest.load(shards, "train"), [(3, 1)], 25, max_items=1)
-    _, _, targets = ViewDataset(shards, maker, plan, store_url=store)[0]
+    manifest = ShardManifest.load(shards, "train")
+    plan = unit_items(maker, manifest, [(3, 1)], 25, max_items=1)
+    _, _, targets = ViewDataset(shards, manifest, maker, plan, store_url=store)[0]
     stored = TeacherStore.open(reference, "train").read_unit(3, 1)
     np.testing.assert_array_equal(targets.topk_classes.numpy(), stored.classes[list(plan[0][0].positions)])
 

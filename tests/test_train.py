@@ -148,7 +148,7 @@ def test_cached_targets_equal_the_online_teacher_on_the_same_views(data):
     maker = ViewMaker(ViewRecipe(img_size=32), "train")
     plan = rank_items(maker, manifest, EpochPlan(manifest.num_samples, 3, 3, 1, 16), 0, 0, VIEWS)
     teacher, _ = create_teacher("regnetx_002", 10, data["weights"])
-    dataset = ViewDataset(data["shards"], maker, plan, data["store"])
+    dataset = ViewDataset(data["shards"], manifest, maker, plan, data["store"])
     for i in (0, len(dataset) - 1):  # a batch spanning views 3.. of epoch 3 (second group)
         pieces, batch, stored = dataset[i]
         assert {p.v for p in pieces} <= {3, 4, 5}

@@ -197,8 +197,8 @@ def test_joined_batches_hold_every_field_in_order():
 PIECES = [ViewPiece(1, 2, (5, 0, 11)), ViewPiece(0, 3, (10, 4))]
 
 
-def test_an_item_is_its_pieces_views_without_a_store(shards):
-    pieces, batch, targets = ViewDataset(shards, MAKER, [PIECES[:1], PIECES])[1]
+def test_an_item_is_its_pieces_views_without_a_store(shards, manifest):
+    pieces, batch, targets = ViewDataset(shards, manifest, MAKER, [PIECES[:1], PIECES])[1]
     assert pieces == PIECES and targets is None
     assert batch.idx.tolist() == [SPC + 5, SPC + 0, SPC + 11, 10, 4]
     assert batch.v.tolist() == [2, 2, 2, 3, 3]
@@ -209,7 +209,7 @@ def test_an_item_is_its_pieces_views_without_a_store(shards):
     assert torch.equal(batch.images, want)
 
 
-def test_an_item_decodes_each_sample_once_for_all_its_pieces(shards, monkeypatch):
+def test_an_item_decodes_each_sample_once_for_all_its_pieces(shards, manifest, monkeypatch):
     """When the world is smaller than R, an item holds the R copies of its samples as R pieces, in views of one
     pairing group (the same partners). Each sample is decoded once, not R times, and the views are still the
     maker's, piece by piece, in the pieces' order."""
@@ -219,7 +219,7 @@ def test_an_item_decodes_each_sample_once_for_all_its_pieces(shards, monkeypatch
     for module in (view_dataset, views_module):
         real = module.decode_rgb
         monkeypatch.setattr(module, "decode_rgb", lambda image, real=real: decoded.append(image) or real(image))
-    _, batch, _ = ViewDataset(shards, MAKER, [item])[0]
+    _, batch, _ = ViewDataset(shards, manifest, MAKER, [item])[0]
     samples = {s: samples_of(shards, s) for s in (0, 2)}
     # Every view is mixed (mix_prob 1): each piece needs its positions and their partners.
     needed = {(p.shard, q) for p in item for q in p.positions}
@@ -251,17 +251,17 @@ class SharedImages(Dataset):
         return self.views[i][1].images.is_shared()
 
 
-def test_a_worker_makes_an_items_images_in_shared_memory(shards):
+def test_a_worker_makes_an_items_images_in_shared_memory(shards, manifest):
     """As torch's default_collate does with its batches: handing the item to the main process then copies no
     pixels (a tensor outside shared memory is copied into it on the way)."""
-    views = ViewDataset(shards, MAKER, [PIECES, PIECES[:1]])
+    views = ViewDataset(shards, manifest, MAKER, [PIECES, PIECES[:1]])
     assert list(DataLoader(SharedImages(views), batch_size=None, num_workers=1)) == [True, True]
     assert not SharedImages(views)[0]  # in the main process, plain memory
 
 
-def test_an_item_joins_each_view_with_its_own_store_row(shards, store):
+def test_an_item_joins_each_view_with_its_own_store_row(shards, manifest, store):
     """The teacher outputs returned are those of the rows (idx, v) of the views returned, in their order."""
-    _, batch, targets = ViewDataset(shards, MAKER, [PIECES], store)[0]
+    _, batch, targets = ViewDataset(shards, manifest, MAKER, [PIECES], store)[0]
     assert batch.idx.tolist() == [17, 12, 23, 10, 4] and batch.v.tolist() == [2, 2, 2, 3, 3]
     want = teacher_rows(batch.idx.numpy(), batch.v.numpy())
     assert np.array_equal(targets.topk_logits.numpy(), want["logits"])
@@ -271,17 +271,17 @@ def test_an_item_joins_each_view_with_its_own_store_row(shards, store):
 
 
 @pytest.mark.parametrize("field", list(DRIFT))
-def test_a_row_whose_replay_record_differs_is_refused(shards, store, field):
+def test_a_row_whose_replay_record_differs_is_refused(shards, manifest, store, field):
     """Each of partner, lambda and digest alone must refuse the join (the other two still agree), naming the
     unit; a piece that leaves the drifted row out joins."""
     shard = DRIFT[field]
     with pytest.raises(InputError, match=f"replay drift in shard {shard} view 0: .*verify-store"):
-        ViewDataset(shards, MAKER, [[ViewPiece(shard, 0, (2, 7, 9))]], store)[0]
-    _, _, targets = ViewDataset(shards, MAKER, [[ViewPiece(shard, 0, (2, 9))]], store)[0]
+        ViewDataset(shards, manifest, MAKER, [[ViewPiece(shard, 0, (2, 7, 9))]], store)[0]
+    _, _, targets = ViewDataset(shards, manifest, MAKER, [[ViewPiece(shard, 0, (2, 9))]], store)[0]
     assert targets.topk_logits[:, 0].tolist() == [shard * SPC + 2, shard * SPC + 9]
 
 
-def test_a_worker_keeps_two_shards_of_four_views(shards, store, monkeypatch):
+def test_a_worker_keeps_two_shards_of_four_views(shards, manifest, store, monkeypatch):
     """A worker keeps 8 store units (two shards x R <= 4 views), opening the store once: walking them again
     reads nothing, a ninth unit evicts the least recent."""
     reads, opens = [], []
@@ -290,7 +290,7 @@ def test_a_worker_keeps_two_shards_of_four_views(shards, store, monkeypatch):
     monkeypatch.setattr(TeacherStore, "open", lambda url, split: opens.append(url) or open_store(url, split))
     eight, ninth = GOOD_UNITS[:8], GOOD_UNITS[8]
     plan = [[ViewPiece(s, v, (3,))] for s, v in eight + eight + [ninth, (0, 0)]]
-    dataset = ViewDataset(shards, MAKER, plan, store)
+    dataset = ViewDataset(shards, manifest, MAKER, plan, store)
     for i in range(len(plan)):
         dataset[i]
     assert reads == eight + [ninth, (0, 0)]
@@ -353,7 +353,7 @@ def test_a_pinned_loader_pins_every_tensor_of_views_and_store_rows(shards, manif
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(t) or t.clone())
     plan = [[ViewPiece(0, 0, (0, 1, 2))]]
-    item = ViewDataset(shards, MAKER, plan, store)[0]
+    item = ViewDataset(shards, manifest, MAKER, plan, store)[0]
     pieces, batch, stored = pin_memory(item)
     assert pieces == plan[0] and len(pinned) == 8 + 4
     assert torch.equal(batch.images, item[1].images) and torch.equal(stored.codes, item[2].codes)
@@ -389,7 +389,7 @@ def test_one_persistent_loader_serves_every_epoch_with_the_plans_items(shards, m
         got = list(loader)
         workers.add(tuple(w.pid for w in loader._iterator._workers))  # torch's own handle on its workers
         plan = rank_items(MAKER, manifest, plans(epoch), 0, 0, None)
-        want = ViewDataset(shards, MAKER, plan)
+        want = ViewDataset(shards, manifest, MAKER, plan)
         assert len(got) == len(plan) - start == views.steps_in(epoch) - start
         for i, (pieces, batch, stored) in enumerate(got, start=start):
             assert pieces == plan[i] and stored is None
@@ -466,8 +466,8 @@ def _exchange_rank(rank: int, world: int, port: int, shards: str, batch: int, ac
         manifest = ShardManifest.load(shards, "train")
         plan = EpochPlan(manifest.num_samples, 1, 3, world, batch, accum)
         exchange = TeamExchange(plan.teams, rank)
-        made = ViewDataset(shards, MAKER, rank_items(MAKER, manifest, plan, rank, 0, None, exchange=True))
-        alone = ViewDataset(shards, MAKER, rank_items(MAKER, manifest, plan, rank, 0, None))
+        made = ViewDataset(shards, manifest, MAKER, rank_items(MAKER, manifest, plan, rank, 0, None, exchange=True))
+        alone = ViewDataset(shards, manifest, MAKER, rank_items(MAKER, manifest, plan, rank, 0, None))
         assert plan.steps >= 2
         for step in range(plan.steps):
             got, stored = exchange.own(made[step][1], None, plan.routes(rank, step), torch.device("cpu"))
