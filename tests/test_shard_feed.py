@@ -89,15 +89,18 @@ def test_the_reader_reads_a_shard_only_while_the_steps_not_taken_hold_at_most_ah
     next(steps)
     assert settled(reads) == [shard_url(shards, "train", s) for s in (0, 1, 2)]
     steps.close()
-    assert no_reader_left()
+    assert readers_left() == 0
 
 
-def no_reader_left() -> bool:
-    """Whether every feed's reader thread has ended (within 10 s: a stopped reader ends at its next step)."""
+def readers_left(at_most: int = 0) -> int:
+    """The feeds' reader threads running once at most `at_most` are (or 10 s passed: a stopped reader ends at its
+    next step)."""
     deadline = time.monotonic() + 10
-    while any(t.name == "shard-feed" for t in threading.enumerate()) and time.monotonic() < deadline:
+    while True:
+        running = sum(t.name == "shard-feed" for t in threading.enumerate())
+        if running <= at_most or time.monotonic() >= deadline:
+            return running
         time.sleep(0.05)
-    return not any(t.name == "shard-feed" for t in threading.enumerate())
 
 
 def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader_stops(shards, tmp_path):
@@ -110,14 +113,14 @@ def test_a_shard_that_cannot_be_read_fails_the_step_that_needs_it_and_the_reader
     assert [step for _, step, _ in (next(steps) for _ in range(5))] == [0, 1, 2, 3, 4]
     with pytest.raises(InputError, match="train-000002.tar: the manifest lists this shard, but it is not there"):
         next(steps)  # step 5 also reads shard 2
-    assert no_reader_left()
+    assert readers_left() == 0
 
 
 def test_a_consumer_that_stops_early_stops_the_reader(shards):
     steps = ShardFeed(shards, "train", plan_of, read_here=True).steps([(e, range(9)) for e in range(5)])
     next(steps)
     steps.close()
-    assert no_reader_left()
+    assert readers_left() == 0
 
 
 def test_a_train_loader_closed_or_started_again_mid_pass_leaves_no_reader(shards, monkeypatch):
@@ -141,10 +144,7 @@ def test_a_train_loader_closed_or_started_again_mid_pass_leaves_no_reader(shards
         next(views.walk(0, 0, 1))
         second = views.walk(1, 0, 2)  # the persistent loader's next pass: the first one's sampler is dropped
         next(second)
-        deadline = time.monotonic() + 10
-        while sum(t.name == "shard-feed" for t in threading.enumerate()) > 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sum(t.name == "shard-feed" for t in threading.enumerate()) == 1  # the second pass's only
+        assert readers_left(at_most=1) == 1  # the second pass's only
     finally:
         views.close()
-    assert no_reader_left()
+    assert readers_left() == 0
