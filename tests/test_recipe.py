@@ -1,9 +1,12 @@
 """The view recipe's overrides (`--recipe`) and the refusal of ones that contradict a store's recipe."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import create_transform
 
 from deit_pipe.data.recipe import ViewRecipe
 from deit_pipe.errors import InputError
@@ -76,3 +79,36 @@ def test_larger_images_keep_the_random_resized_crop_and_the_0875_resize():
     assert type(recipe.train_transform().transforms[0]).__name__ == "RandomResizedCropAndInterpolation"
     resize = recipe.eval_transform().transforms[0]
     assert resize.size == int(48 / 0.875)  # DeiT: Resize(int(input_size / 0.875)), then the centre crop
+
+
+def _timm_transform(recipe: ViewRecipe, training: bool):
+    """timm's create_transform with the recipe's arguments, as DeiT's build_transform calls it."""
+    if training:
+        return create_transform(input_size=recipe.img_size, is_training=True, scale=recipe.scale,
+                                ratio=recipe.ratio, hflip=recipe.hflip, color_jitter=recipe.color_jitter,
+                                auto_augment=recipe.auto_augment, interpolation=recipe.interpolation,
+                                mean=recipe.mean, std=recipe.std, re_prob=recipe.reprob, re_mode=recipe.remode,
+                                re_count=recipe.recount)
+    return create_transform(input_size=recipe.img_size, is_training=False, interpolation=recipe.interpolation,
+                            mean=recipe.mean, std=recipe.std)
+
+
+@pytest.mark.parametrize("recipe", [ViewRecipe(), ViewRecipe(img_size=48, mean=(0.1, 0.7, 0.3), std=(0.9, 0.2, 0.5))],
+                         ids=["deit", "other-normalisation"])
+def test_transforms_give_timms_own_bits(recipe):
+    """The recipe's train and eval transforms (their to-tensor and Normalize read from a table) give exactly the
+    tensors timm's create_transform gives under the same draws, for every byte value of every channel."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(3)]
+    images.append(Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (64, 1)).repeat(3).reshape(64, 256, 3)))
+    for training in (True, False):
+        ours = recipe.train_transform() if training else recipe.eval_transform()
+        theirs = _timm_transform(recipe, training)
+        for seed, image in enumerate(images):
+            outputs = []
+            for transform in (ours, theirs):
+                random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+                outputs.append(transform(image))
+            assert torch.equal(*outputs), (training, seed)
+    with pytest.raises(ValueError, match="RGB"):
+        recipe.eval_transform()(images[0].convert("L"))
