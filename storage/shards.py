@@ -51,17 +51,25 @@ class ShardInfo:
 
 def encode_shard(samples: Iterable[ShardSample]) -> bytes:
     """The tar webdataset's TarWriter(encoder=False, mtime=0, user=group="deit-pipe") writes, byte for byte: each
-    sample's members in sorted extension order (cls, idx, then the image's) through tarfile, as TarWriter does,
-    without importing webdataset here (it imports torch: a second of the shard stage's start-up, in every worker)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tar:
-        for s in samples:
-            for ext, data in sorted({s.ext: s.image, "cls": str(s.label).encode(), "idx": str(s.idx).encode()}.items()):
-                member = tarfile.TarInfo(f"{s.key}.{ext}")
-                # mtime an int: a float one makes tarfile add a PAX header to every member (twice the bytes).
-                member.size, member.mtime, member.mode, member.uname, member.gname = len(data), 0, 0o444, *_OWNER
-                tar.addfile(member, io.BytesIO(data))
-    return buf.getvalue()
+    sample's members in sorted extension order (cls, idx, then the image's), every header made by tarfile's
+    TarInfo.tobuf in the PAX format, as TarFile.addfile makes it (addfile's copy of each TarInfo and its file
+    object cost a third of the time), without importing webdataset here (it imports torch: a second of the shard
+    stage's start-up, in every worker)."""
+    blocks, size = [], 0
+    for s in samples:
+        for ext, data in sorted({s.ext: s.image, "cls": str(s.label).encode(), "idx": str(s.idx).encode()}.items()):
+            member = tarfile.TarInfo(f"{s.key}.{ext}")
+            # mtime an int: a float one makes tarfile add a PAX header to every member (twice the bytes).
+            member.size, member.mtime, member.mode, member.uname, member.gname = len(data), 0, 0o444, *_OWNER
+            header = member.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+            padding = -len(data) % tarfile.BLOCKSIZE
+            blocks += [header, data, bytes(padding)]
+            size += len(header) + len(data) + padding
+    # TarFile.close: two zero blocks end the archive, then zeros up to a whole record.
+    end = 2 * tarfile.BLOCKSIZE
+    end += -(size + end) % tarfile.RECORDSIZE
+    blocks.append(bytes(end))
+    return b"".join(blocks)
 
 
 def write_shard(url: str, name: str, samples: list[ShardSample]) -> ShardInfo:
