@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms import MaybeToTensor
+from torchvision import transforms
 
-from deit_pipe.data.recipe import ViewRecipe
+from deit_pipe.data.recipe import TabulatedNormalize, ViewRecipe
 from deit_pipe.errors import InputError
 from deit_pipe.pipeline.cli import recipe_overrides
 
@@ -93,22 +95,41 @@ def _timm_transform(recipe: ViewRecipe, training: bool):
                             mean=recipe.mean, std=recipe.std)
 
 
-@pytest.mark.parametrize("recipe", [ViewRecipe(), ViewRecipe(img_size=48, mean=(0.1, 0.7, 0.3), std=(0.9, 0.2, 0.5))],
-                         ids=["deit", "other-normalisation"])
+RECIPES = [ViewRecipe(), ViewRecipe(img_size=48, mean=(0.1, 0.7, 0.3), std=(0.9, 0.2, 0.5))]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["deit", "other-normalisation"])
 def test_transforms_give_timms_own_bits(recipe):
     """The recipe's train and eval transforms (their to-tensor and Normalize read from a table) give exactly the
-    tensors timm's create_transform gives under the same draws, for every byte value of every channel."""
+    tensors timm's create_transform gives under the same draws."""
     rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(3)]
-    images.append(Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (64, 1)).repeat(3).reshape(64, 256, 3)))
+    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(4)]
     for training in (True, False):
         ours = recipe.train_transform() if training else recipe.eval_transform()
         theirs = _timm_transform(recipe, training)
         for seed, image in enumerate(images):
             outputs = []
             for transform in (ours, theirs):
-                random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
                 outputs.append(transform(image))
             assert torch.equal(*outputs), (training, seed)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["deit", "other-normalisation"])
+@pytest.mark.parametrize("size", [(224, 224), (17, 19)])  # an odd size: the kernels' scalar tails too
+def test_table_is_timms_to_tensor_and_normalize_for_every_byte(recipe, size):
+    """The table step against timm's MaybeToTensor then Normalize (built here) on images whose every channel holds
+    every byte value; an image that is not RGB is refused."""
+    table = next(t for t in recipe.eval_transform().transforms if isinstance(t, TabulatedNormalize))
+    timm_pair = transforms.Compose([MaybeToTensor(), transforms.Normalize(torch.tensor(recipe.mean),
+                                                                          torch.tensor(recipe.std))])
+    rng = np.random.default_rng(size[0])
+    pixels = np.stack([rng.permutation(np.resize(np.arange(256, dtype=np.uint8), size[0] * size[1])).reshape(size)
+                       for _ in range(3)], axis=2)
+    assert all(len(np.unique(pixels[..., c])) == 256 for c in range(3))
+    image = Image.fromarray(pixels)
+    assert torch.equal(table(image), timm_pair(image))
     with pytest.raises(ValueError, match="RGB"):
-        recipe.eval_transform()(images[0].convert("L"))
+        table(image.convert("L"))

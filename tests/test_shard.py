@@ -138,14 +138,16 @@ def test_rerun_of_a_finished_run_writes_nothing_and_changes_nothing(odd_image_fo
 
 @pytest.mark.parametrize("key_chars", [8, 96, 97, 150])  # a member name past 100 characters takes a PAX header
 def test_shard_bytes_are_webdataset_tarwriters(key_chars):
-    """The tar bytes stores bind (the manifest's sha256s) are what webdataset's TarWriter wrote before
-    encode_shard wrote with tarfile itself: the same members, headers, padding and end of archive."""
+    """The tar bytes stores bind (the manifest's sha256s) are what webdataset's TarWriter writes (the shard stage
+    used it once; encode_shard lays out tarfile's headers itself): the same members, headers, padding and end of
+    archive, images of 0, 512 and 1024 bytes (no padding) among them."""
     import webdataset as wds
 
     rng = np.random.default_rng(key_chars)
+    sizes = [0, 512, 1024, *rng.integers(1, 3000, 9)]
     samples = [ShardSample(key=f"c{i}/" + "k" * (key_chars - 3), idx=i * 997, label=i % 7,
-                           image=rng.bytes(int(rng.integers(0, 3000))), ext=("png", "jpg", "webp")[i % 3])
-               for i in range(12)]
+                           image=rng.bytes(int(size)), ext=("png", "jpg", "webp")[i % 3])
+               for i, size in enumerate(sizes)]
     buf = io.BytesIO()
     with wds.TarWriter(buf, encoder=False, mtime=0, user="deit-pipe", group="deit-pipe") as tar:
         for x in samples:
