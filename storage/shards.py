@@ -3,8 +3,9 @@
 A sample is stored as `<key>.<ext>` (image bytes, ext = the format they really are), `<key>.cls`
 (class index) and `<key>.idx` (the dense sample id), with the key the source path made safe.
 Tar headers carry fixed mtime/owner so the same samples always give the same bytes: the bytes webdataset's
-TarWriter writes, each header made by tarfile (TarInfo.tobuf) and laid out as TarFile lays it out. Read from an index of the members' headers, grouped into samples by
-webdataset's rule: a sample's image is a view into the shard's bytes, never copied.
+TarWriter writes, each header made by tarfile (TarInfo.tobuf) and laid out as TarFile lays it out. Read from an
+index of the members' headers, grouped into samples by webdataset's rule: a sample's image is a view into the
+shard's bytes, never copied.
 """
 
 from __future__ import annotations
