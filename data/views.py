@@ -208,11 +208,16 @@ def view_digest(images: torch.Tensor, kind: str = VIEW_DIGEST) -> torch.Tensor:
     that rounds to -0.0 in float16 keeps its sign (the definition every existing store was written with).
     """
     pixels = images.detach().to("cpu", torch.float32).contiguous()
-    halves = pixels.to(torch.float16)
-    bits = halves.numpy().view(np.int16)
-    # float16 -0.0 is the int16 minimum (0x8000), and almost never there: a numpy min finds out (10 us a 224 px
-    # view, against 150 for torch's == and any() on one thread); only then the float32 check.
-    if bits.size and bits.min() == -0x8000:
-        bits[(bits == -0x8000) & (pixels == 0).numpy()] = 0
-    rows = halves.numpy().astype("<f2", copy=False)
-    return torch.tensor([VIEW_DIGESTS[kind](row.data) for row in rows], dtype=torch.int64)
+    # One view's float16 buffer, reused: a batch-sized one is fresh memory each batch, whose first touch cost
+    # more than the rounding (0.2 against 0.1 ms a 224 px view in the loader).
+    half = torch.empty(pixels.shape[1:], dtype=torch.float16)
+    bits, digest = half.numpy().view(np.int16), VIEW_DIGESTS[kind]
+    digests = []
+    for view in pixels:
+        half.copy_(view)
+        # float16 -0.0 is the int16 minimum (0x8000), and almost never there: a numpy min finds out (10 us a 224
+        # px view, against 150 for torch's == and any() on one thread); only then the float32 check.
+        if bits.size and bits.min() == -0x8000:
+            bits[(bits == -0x8000) & (view == 0).numpy()] = 0
+        digests.append(digest(half.numpy().astype("<f2", copy=False).data))
+    return torch.tensor(digests, dtype=torch.int64)
