@@ -14,7 +14,8 @@ all three); as rank 0 of a world of 3, whose batches hold one copy each (its epo
 others); and as that rank with train's --exchange, making every copy of its third of each step's samples (the
 all_to_all that then gives each rank its own batch runs in the train step, on the device: not timed here).
 Measured in turns for --rounds rounds, each the best of its turns (timeit's rule on a shared
-machine); prints images/s, images/s per worker and the ratios ours/theirs (goal >= 1.2).
+machine); prints images/s, images/s per worker and the ratios ours/theirs (goal >= 1.2), also as the
+median of each round's own ratio.
 
 Steady state, as on ImageNet, whose epochs are thousands of batches: the clock starts once the first batch of
 every worker is out (a loader's first `workers` batches are made at once and come out after a whole batch's
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,6 +173,12 @@ def main() -> None:
     for name in ("ours/3", "ours/3x"):
         print(f"ratio loader {name}/theirs: {best[name] / best['theirs']:.3f} (goal >= 1.2); "
               f"{name} {best[name] / cores:.1f} images/s per worker at {args.img_size} px")
+    # A round's passes meet about the same load; the best of each can come from different moments of a VM whose
+    # speed drifts, a round's own ratio cannot.
+    for name in ("ours", "ours/3", "ours/3x"):
+        paired = [ours_ / theirs_ for ours_, theirs_ in zip(speeds[name], speeds["theirs"], strict=True)]
+        print(f"ratio loader {name}/theirs within each round: median {statistics.median(paired):.3f} "
+              f"({', '.join(f'{r:.3f}' for r in paired)})")
     print("CPU ms a view, one process, one thread, the loaders' batches in turns: "
           + ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items()))
     for name in ("ours", "ours/3", "ours/3x"):
