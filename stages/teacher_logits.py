@@ -88,8 +88,7 @@ def fit_code(model, device, teacher: TeacherSpec, spec: CodeSpec, k: int, maker:
     pool = len(held)
     units = [(s, 0) for s in range(manifest.shard_of(pool - 1) + 1)]
     loader = DataLoader(ViewDataset(shards, manifest, maker, unit_items(maker, manifest, units, batch_size)),
-                        batch_size=None,
-                        num_workers=workers)
+                        batch_size=None, num_workers=workers)
     with torch.inference_mode():
         logits = torch.cat([teacher_logits(model, batch.images, device, teacher.precision)
                             for _, batch, _ in tqdm(loader, desc="fitting the logit code", unit="batch", disable=None)])
